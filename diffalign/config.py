@@ -90,6 +90,18 @@ class TrainSettings(BaseModel):
     use_8bit_adam: bool = Field(False, description="bitsandbytes AdamW8bit (CUDA only).")
     enable_xformers: bool = Field(False, description="xformers memory-efficient attention (CUDA only).")
     allow_tf32: bool = Field(True, description="Allow TF32 matmuls on Ampere+ GPUs.")
+    sdpa_backends: list[Literal["flash", "efficient", "cudnn", "math"]] | None = Field(
+        None,
+        min_length=1,
+        description="Attention kernels torch's scaled_dot_product_attention may use, e.g. [flash, efficient, math] "
+        "to leave out cuDNN attention, whose backward has given NaN gradients in bf16 on H100/H200; null = torch's choice.",
+    )
+    skip_nonfinite_updates: int = Field(
+        0,
+        ge=0,
+        description="Skip up to this many updates in a row whose gradient norm is NaN/inf (counted in the "
+        "skipped_updates metric) before stopping; 0 = stop at the first. The weights never see the bad gradient.",
+    )
     resolution: int | None = Field(
         None, gt=0, description="Training/sampling image size in pixels; None = the model's native size."
     )
@@ -99,6 +111,11 @@ class TrainSettings(BaseModel):
     def _yaml_no_is_false(cls, value: Any) -> Any:
         # YAML 1.1 reads an unquoted `no` as False; the user meant the string.
         return "no" if value is False else value
+
+    @field_validator("sdpa_backends", mode="before")
+    @classmethod
+    def _one_backend_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 DEFAULT_SAMPLE_PROMPTS = [

@@ -286,6 +286,7 @@ __all__ = [
     "sync_gradients",
     "clip_gradients",
     "maybe_enable_xformers",
+    "set_sdpa_backends",
 ]
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -337,6 +338,9 @@ class Run:
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
             torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+        self._sdpa_flags_before = set_sdpa_backends(cfg.train.sdpa_backends)
+        self.skipped_updates = 0  # updates not applied for a non-finite gradient norm (this session)
+        self.skipped_in_a_row = 0
 
         # 2. run folder: every process decides from the same state before the main one changes it
         self._prepare_out_dir(overwrite)
@@ -501,9 +505,30 @@ class Run:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+        set_sdpa_backends(None, restore=self._sdpa_flags_before)
 
 
 # --- optimisation helpers --------------------------------------------------------------------
+
+# train.sdpa_backends names -> torch's switches for scaled_dot_product_attention's kernels.
+SDPA_SWITCHES = {
+    "flash": (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp),
+    "efficient": (torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.enable_mem_efficient_sdp),
+    "cudnn": (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp),
+    "math": (torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.enable_math_sdp),
+}
+
+
+def set_sdpa_backends(backends: list[str] | None, restore: dict[str, bool] | None = None) -> dict[str, bool]:
+    """Allow only ``backends`` for scaled_dot_product_attention (None: leave torch's switches as
+    they are), or put back the switches of ``restore``. Returns the switches as they were."""
+    before = {name: enabled() for name, (enabled, _) in SDPA_SWITCHES.items()}
+    wanted = restore if restore is not None else (
+        None if backends is None else {name: name in backends for name in SDPA_SWITCHES}
+    )
+    for name, on in (wanted or {}).items():
+        SDPA_SWITCHES[name][1](on)
+    return before
 
 
 def build_optimizer(params, train: TrainSettings) -> torch.optim.Optimizer:

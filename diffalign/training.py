@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from diffalign import lora
-from diffalign.config import BaseRunConfig
+from diffalign.config import BaseRunConfig, TrainSettings
 from diffalign.errors import UserError
 from diffalign.pipelines.base import DiffusionPolicy
 from diffalign.pipelines.loading import load_policy
@@ -43,21 +43,35 @@ def build_optimization(cfg: BaseRunConfig, params: Sequence[torch.nn.Parameter])
     return optimizer, build_lr_scheduler(optimizer, cfg.train)
 
 
-def optimizer_step(run: Run, params: Sequence[torch.nn.Parameter], optimizer, lr_scheduler, max_grad_norm: float | None) -> float:
+def optimizer_step(
+    run: Run, params: Sequence[torch.nn.Parameter], optimizer, lr_scheduler, train: TrainSettings
+) -> dict[str, float]:
     """All-reduce the LoRA gradients across processes, clip, step, advance the schedule and zero
-    the gradients. Returns the gradient norm before clipping; a non-finite one stops the run
-    before the update."""
+    the gradients. Returns ``{"grad_norm": norm before clipping}``.
+
+    A non-finite norm is never applied: the update is skipped (``{"skipped_updates": total}``)
+    while fewer than ``train.skip_nonfinite_updates`` were skipped in a row, else the run stops.
+    Every process sees the same all-reduced norm, so all skip or stop together."""
     sync_gradients(params, run.accelerator)
-    grad_norm = clip_gradients(params, max_grad_norm)
-    if not math.isfinite(grad_norm):  # never write NaN/inf into the LoRA: stop before the update
-        raise UserError(
-            f"the gradient norm is {grad_norm} (the update was not applied); lower train.learning_rate, "
-            "or try train.mixed_precision=no to see whether reduced precision causes it (the last checkpoint is intact)"
-        )
+    grad_norm = clip_gradients(params, train.max_grad_norm)
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        if run.skipped_in_a_row >= train.skip_nonfinite_updates:
+            raise UserError(
+                f"the gradient norm is {grad_norm} (the update was not applied; "
+                f"{run.skipped_in_a_row} skipped in a row before it); set train.skip_nonfinite_updates=N to skip "
+                "such updates, train.sdpa_backends=[flash,efficient,math] if this is bf16/fp16 on an H100/H200, "
+                "or lower train.learning_rate (the last checkpoint is intact)"
+            )
+        run.skipped_in_a_row += 1
+        run.skipped_updates += 1
+        run.print(f"warning: gradient norm {grad_norm}; update skipped ({run.skipped_in_a_row} in a row)")
+        return {"skipped_updates": float(run.skipped_updates)}
+    run.skipped_in_a_row = 0
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return {"grad_norm": grad_norm}
 
 
 @torch.no_grad()
@@ -171,7 +185,7 @@ def end_step(
     metrics = {key: float(value) for key, value in metrics.items()}
     if "loss" in metrics:
         check_finite(metrics["loss"], step)
-    metrics["grad_norm"] = optimizer_step(run, params, optimizer, lr_scheduler, cfg.train.max_grad_norm)
+    metrics.update(optimizer_step(run, params, optimizer, lr_scheduler, cfg.train))
     metrics["lr"] = lr_scheduler.get_last_lr()[0]
     run.log(step, metrics)
     if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:

@@ -20,6 +20,7 @@ import torch
 
 from diffalign import lora
 from diffalign.config import load_config
+from diffalign.errors import UserError
 from diffalign.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
 
 FAMILIES = ["tiny-sd", "tiny-sdxl", "tiny-flux"]
@@ -198,7 +199,6 @@ def test_trained_lora_loads_into_a_stock_pipeline_with_identical_images(tmp_path
 
 
 def test_run_dir_layout_and_refusal_to_overwrite(tmp_path):
-    from diffalign.errors import UserError
     from diffalign.trainers.diffusion_dpo import DiffusionDPOTrainer
 
     cfg = dpo_config(tmp_path / "run", "tiny-sd", **{"data.eval_pairs": 4, "logging.sample_every": 2,
@@ -251,8 +251,8 @@ if __name__ == "__main__":
 
 
 def test_non_finite_gradient_stops_before_the_update(tmp_path):
-    """A NaN gradient must never reach the LoRA: optimizer_step raises and leaves the weights."""
-    from diffalign.errors import UserError
+    """A NaN gradient must never reach the LoRA: with no skips allowed, optimizer_step raises
+    and leaves the weights (and the gradients are dropped)."""
     from diffalign.run import Run
     from diffalign.training import build_optimization, optimizer_step
 
@@ -261,7 +261,62 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path):
     param = torch.nn.Parameter(torch.ones(3))
     optimizer, scheduler = build_optimization(cfg, [param])
     param.grad = torch.tensor([1.0, float("nan"), 0.0])
-    with pytest.raises(UserError, match="gradient norm is nan .*not applied"):
-        optimizer_step(run, [param], optimizer, scheduler, cfg.train.max_grad_norm)
-    assert torch.equal(param.detach(), torch.ones(3))
+    with pytest.raises(UserError, match="gradient norm is nan .*not applied.*train.skip_nonfinite_updates"):
+        optimizer_step(run, [param], optimizer, scheduler, cfg.train)
+    assert torch.equal(param.detach(), torch.ones(3)) and param.grad is None
     run.finish()
+
+
+def test_non_finite_updates_are_skipped_up_to_the_limit_in_a_row(tmp_path):
+    """skip_nonfinite_updates=2: two bad norms in a row are skipped (weights untouched, schedule
+    not advanced), a finite one resets the count, and a third in a row stops the run."""
+    from diffalign.run import Run
+    from diffalign.training import build_optimization, optimizer_step
+
+    cfg = dpo_config(tmp_path / "run", "tiny-sd", **{"train.skip_nonfinite_updates": 2, "train.warmup_steps": 0})
+    run = Run(cfg)
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer, scheduler = build_optimization(cfg, [param])
+
+    def step_with(grad):
+        param.grad = torch.tensor(grad)
+        return optimizer_step(run, [param], optimizer, scheduler, cfg.train)
+
+    nan, inf = float("nan"), float("inf")
+    assert step_with([nan, 0.0, 0.0]) == {"skipped_updates": 1.0}
+    assert step_with([inf, 0.0, 0.0]) == {"skipped_updates": 2.0}
+    assert torch.equal(param.detach(), torch.ones(3)) and scheduler.last_epoch == 0
+    assert step_with([3.0, 4.0, 0.0]) == {"grad_norm": 5.0}  # applied: the count in a row starts again
+    moved = param.detach().clone()
+    assert not torch.equal(moved, torch.ones(3)) and scheduler.last_epoch == 1
+    assert step_with([nan, 0.0, 0.0]) == {"skipped_updates": 3.0}
+    assert step_with([nan, 0.0, 0.0]) == {"skipped_updates": 4.0}
+    with pytest.raises(UserError, match="gradient norm is nan .*2 skipped in a row"):
+        step_with([nan, 0.0, 0.0])
+    assert torch.equal(param.detach(), moved)
+    run.finish()
+
+
+def test_a_training_run_skips_a_poisoned_update_and_logs_it(tmp_path, monkeypatch):
+    """End to end: step 2's gradients are made NaN after backward; the run goes on, metrics.jsonl
+    marks the skipped update, and the final LoRA is finite."""
+    import diffalign.training as training
+    from diffalign.trainers.diffusion_dpo import DiffusionDPOTrainer
+
+    real_sync, calls = training.sync_gradients, []
+
+    def poison_second(params, accelerator):
+        calls.append(1)
+        if len(calls) == 2:
+            next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("nan")
+        real_sync(params, accelerator)
+
+    monkeypatch.setattr(training, "sync_gradients", poison_second)
+    out = tmp_path / "run"
+    cfg = dpo_config(out, "tiny-sd", **{"train.max_steps": 3, "train.skip_nonfinite_updates": 1})
+    final = DiffusionDPOTrainer(cfg).train()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in records if "loss" in r}
+    assert by_step[2]["skipped_updates"] == 1.0 and "grad_norm" not in by_step[2]
+    assert by_step[1]["grad_norm"] > 0 and by_step[3]["grad_norm"] > 0
+    assert all(torch.isfinite(t).all() for t in _lora_tensors(final).values())

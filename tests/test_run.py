@@ -23,6 +23,7 @@ import torch
 import diffalign.run as run_module
 from diffalign.config import BaseRunConfig, TrainSettings
 from diffalign.errors import UserError
+from pydantic import ValidationError
 from diffalign.run import (
     Run,
     TrainingState,
@@ -320,6 +321,25 @@ def test_scheduler_warmup_and_gpu_only_options():
         with pytest.raises(UserError, match=r"train.enable_xformers needs CUDA and xformers"):
             maybe_enable_xformers(torch.nn.Linear(1, 1), TrainSettings(enable_xformers=True))
     assert maybe_enable_xformers(torch.nn.Linear(1, 1), TrainSettings()) is False
+
+
+def test_sdpa_backends_limit_the_attention_kernel_for_the_run_only(tmp_path):
+    """train.sdpa_backends=[math] makes torch pick the math kernel (the CPU would pick flash) while
+    the Run lives; finish() puts torch's switches back."""
+    from torch.nn.attention import SDPBackend
+
+    q = torch.randn(1, 2, 8, 16)
+    chosen = lambda: SDPBackend(torch._fused_sdp_choice(q, q, q))  # noqa: E731
+    assert chosen() == SDPBackend.FLASH_ATTENTION
+    run = Run(toy_config(tmp_path / "run", sdpa_backends="math"))  # one name is a one-item list
+    assert run.cfg.train.sdpa_backends == ["math"]
+    assert chosen() == SDPBackend.MATH and not torch.backends.cuda.cudnn_sdp_enabled()
+    run.finish()
+    assert chosen() == SDPBackend.FLASH_ATTENTION and torch.backends.cuda.cudnn_sdp_enabled()
+    with pytest.raises(ValidationError):
+        TrainSettings(sdpa_backends=[])
+    with pytest.raises(ValidationError):
+        TrainSettings(sdpa_backends=["fast"])
 
 
 # --- two processes ---------------------------------------------------------------------------

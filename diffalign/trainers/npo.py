@@ -401,7 +401,7 @@ class SelfNPOTrainer:
                 for key, value in micro.items():
                     metrics[key] = metrics.get(key, 0.0) + value / cfg.train.gradient_accumulation_steps
             # 4. update: optimizer step on the synced gradients, then the teacher follows by EMA
-            metrics["grad_norm"] = optimizer_step(run, list(params.values()), optimizer, lr_scheduler, cfg.train.max_grad_norm)
+            metrics.update(optimizer_step(run, list(params.values()), optimizer, lr_scheduler, cfg.train))
             ema_update(ema, params, cfg.self_npo.ema_decay)
             metrics["lr"] = lr_scheduler.get_last_lr()[0]
             if run.should_log(step):
