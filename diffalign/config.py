@@ -317,6 +317,8 @@ def explain_config(config_cls: type[BaseModel], prefix: str = "") -> list[str]:
         literals = _literal_values(field.annotation)
         if literals:
             type_name = " | ".join(map(str, literals))
+            if any(typing.get_origin(m) in (list, tuple, set) for m in _unwrap(field.annotation)):
+                type_name = f"list of {type_name}"
         else:
             type_name = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))

@@ -68,6 +68,7 @@ def test_methods_and_explain(capsys):
     assert main(["explain", "diffusion_dpo"]) == 0
     out = capsys.readouterr().out
     assert "dpo.beta: float = 5000.0" in out and "train.mixed_precision: no | fp16 | bf16" in out
+    assert "logging.report_to: list of tensorboard | wandb = []" in out
     assert main(["explain", "difusion_dpo"]) == 2
     assert "did you mean 'diffusion_dpo'" in capsys.readouterr().err
 
