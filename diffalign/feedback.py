@@ -29,7 +29,6 @@ from pathlib import Path
 import safetensors
 import safetensors.torch
 import torch
-from torch import Tensor
 
 from diffalign.errors import UserError
 

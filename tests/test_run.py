@@ -9,7 +9,6 @@ from __future__ import annotations
 from conftest import run_two_processes
 
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import safetensors.torch
 import torch
 
-import diffalign.run as run_module
+import diffalign.checkpoint as checkpoint_module
 from diffalign.config import BaseRunConfig, TrainSettings
 from diffalign.errors import UserError
 from pydantic import ValidationError
@@ -189,14 +188,14 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     run = Run(cfg)
     problem = ToyProblem(cfg.train)
     problem.train(run, 0, 3)
-    real_save = run_module._save_torch
+    real_save = checkpoint_module._save_torch
 
     def failing_save(path, obj):
         if path.name == "scheduler.pt":
             raise OSError("disk full")
         real_save(path, obj)
 
-    monkeypatch.setattr(run_module, "_save_torch", failing_save)
+    monkeypatch.setattr(checkpoint_module, "_save_torch", failing_save)
     with pytest.raises(OSError, match="disk full"):
         problem.train(run, 3, 6)
     run.finish()

@@ -1,0 +1,245 @@
+"""Checkpoints: ``checkpoints/step-N/`` written atomically (a temp dir renamed into place), and
+restored into the live objects of a :class:`TrainingState` so that a resumed run continues
+bitwise where it stopped. :class:`diffalign.run.Run` decides when; this module knows the files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from accelerate import Accelerator
+
+from diffalign.errors import UserError
+
+__all__ = ["TrainingState", "save_checkpoint", "load_checkpoint", "find_checkpoint", "list_checkpoints"]
+
+
+# --- checkpoints: checkpoints/step-N/ ----------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """References to everything a checkpoint captures; restoring writes into these same objects.
+
+    ``params``: the trainable parameters as a name -> Parameter dict (e.g.
+    ``lora.lora_parameters(denoiser)``), a list of Parameters (e.g. what ``lora.add_lora``
+    returns; stored by position), or a ``(get_state, set_state)`` pair of callables such as
+    ``(partial(lora_state_dict, d), partial(set_lora_state_dict, d))``.
+    ``generators``: the trainer's own RNGs by name (saved for every process).
+    ``data_state``: a JSON-serialisable dict the trainer mutates (epoch, position).
+    ``extra_tensors``: running statistics, EMA weights, ...; restored in place.
+    ``data_state`` and ``extra_tensors`` are saved from the main process: keep them equal on
+    every process (reduce statistics before updating them).
+    """
+
+    params: dict[str, torch.Tensor] | list[torch.Tensor] | tuple[Callable[[], dict], Callable[[dict], None]]
+    optimizer: torch.optim.Optimizer | None = None
+    lr_scheduler: Any = None
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+    data_state: dict = field(default_factory=dict)
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def _callables(self) -> tuple[Callable, Callable] | None:
+        p = self.params
+        if isinstance(p, tuple) and len(p) == 2 and all(callable(f) and not isinstance(f, torch.Tensor) for f in p):
+            return p
+        return None
+
+    def _named(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.params, dict):
+            return self.params
+        return {str(i): p for i, p in enumerate(self.params)}
+
+    def params_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights by name (detached, not copied)."""
+        pair = self._callables()
+        if pair is not None:
+            return pair[0]()
+        return {k: v.detach() for k, v in self._named().items()}
+
+    def load_params_state(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
+        """Copy ``tensors`` into the trainable weights; UserError if names or shapes differ."""
+        current = self.params_state()
+        missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
+        wrong = [k for k in current if k in tensors and tensors[k].shape != current[k].shape]
+        if missing or unexpected or wrong:
+            raise UserError(
+                f"checkpoint {source} does not match this run's trainable weights ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected, {len(wrong)} with another shape); did lora.rank, "
+                "lora.target_modules or model change?"
+            )
+        pair = self._callables()
+        if pair is not None:
+            pair[1](tensors)
+            return
+        with torch.no_grad():
+            for name, param in self._named().items():
+                param.copy_(tensors[name])
+
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """``root/step-N`` folders, oldest first (temporary ``.tmp-*`` folders never count)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(resume: str, root: Path) -> Path:
+    """``resume`` ('latest', a checkpoint folder, or a run folder) -> the checkpoint folder."""
+    if resume == "latest":
+        found = list_checkpoints(root)
+        if not found:
+            raise UserError(f"resume=latest but {root} holds no checkpoint; start without resume")
+        return found[-1]
+    path = Path(resume)
+    if (path / "state.json").is_file():
+        return path
+    found = list_checkpoints(path / "checkpoints")
+    if found:
+        return found[-1]
+    raise UserError(f"resume={resume}: not a checkpoint (expected a folder like runs/x/checkpoints/step-N)")
+
+
+def _rng_state(generators: dict[str, torch.Generator]) -> dict:
+    """This process's global and named RNG states, in types ``torch.load(weights_only=True)`` reads."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+
+
+def _set_rng_state(rng: dict, generators: dict[str, torch.Generator]) -> None:
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    for gname, g in generators.items():
+        if gname in rng["generators"]:
+            g.set_state(rng["generators"][gname])
+
+
+def _gather(obj: Any, accelerator: Accelerator) -> list:
+    """``obj`` from every process, in process order (collective)."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    out = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    _fsync(path)
+
+
+def _save_torch(path: Path, obj: Any) -> None:
+    torch.save(obj, path)
+    _fsync(path)
+
+
+def _save_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2))
+    _fsync(path)
+
+
+def save_checkpoint(
+    root: Path, step: int, state: TrainingState, accelerator: Accelerator, total_limit: int | None = None
+) -> Path:
+    """Write ``root/step-{step}``: into ``root/.tmp-step-N-<uuid>``, fsync, rename (main process).
+
+    A crash mid-save leaves earlier checkpoints intact and no ``step-N``. Collective: every
+    process calls it; their RNG states are gathered into ``rng.pt``.
+    """
+    rng = _gather(_rng_state(state.generators), accelerator)
+    final = root / f"step-{step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".tmp-step-{step}-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            _save_tensors(tmp / "lora.safetensors", state.params_state())
+            if state.optimizer is not None:
+                _save_torch(tmp / "optimizer.pt", state.optimizer.state_dict())
+            if state.lr_scheduler is not None:
+                _save_torch(tmp / "scheduler.pt", state.lr_scheduler.state_dict())
+            _save_torch(tmp / "rng.pt", {"per_process": rng})
+            _save_tensors(tmp / "extra.safetensors", state.extra_tensors)
+            info = {"step": step, "num_processes": accelerator.num_processes, "data_state": state.data_state}
+            _save_json(tmp / "state.json", info)
+            _fsync(tmp)
+            old = root / f".tmp-step-{step}-old-{uuid.uuid4().hex}" if final.exists() else None
+            if old is not None:
+                os.rename(final, old)
+            os.rename(tmp, final)
+            _fsync(root)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if total_limit is not None:
+            for stale in list_checkpoints(root)[:-total_limit]:
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _load_torch(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(folder: Path, state: TrainingState, accelerator: Accelerator) -> tuple[int, int]:
+    """Restore ``folder`` into ``state`` (every process reads); returns (step, processes that saved it)."""
+    info = json.loads((folder / "state.json").read_text())
+    state.load_params_state(safetensors.torch.load_file(str(folder / "lora.safetensors")), folder)
+    if state.optimizer is not None:
+        state.optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))
+    if state.lr_scheduler is not None:
+        state.lr_scheduler.load_state_dict(_load_torch(folder / "scheduler.pt"))
+    state.data_state.clear()
+    state.data_state.update(info["data_state"])
+    extra = safetensors.torch.load_file(str(folder / "extra.safetensors"))
+    missing = sorted(set(state.extra_tensors) - set(extra))
+    if missing:
+        raise UserError(f"checkpoint {folder} lacks {', '.join(missing)}; it was written by another method")
+    with torch.no_grad():
+        for name, tensor in extra.items():
+            if name in state.extra_tensors:
+                state.extra_tensors[name].copy_(tensor)
+            else:
+                state.extra_tensors[name] = tensor
+    per_process = _load_torch(folder / "rng.pt")["per_process"]
+    if len(per_process) == accelerator.num_processes:
+        _set_rng_state(per_process[accelerator.process_index], state.generators)
+    return info["step"], info["num_processes"]
