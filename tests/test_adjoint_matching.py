@@ -1,9 +1,18 @@
 """Adjoint Matching: loss numbers by hand, the lean adjoint against closed forms and against
-backprop through the base chain, the memoryless schedule, and the trainer on the tiny models."""
+backprop through the base chain, the memoryless schedule, the trainer on the tiny models, and a
+real two-process run.
+
+This file is also the two-process worker: ``accelerate launch ... tests/test_adjoint_matching.py OUT``.
+"""
 
 from __future__ import annotations
 
+from conftest import run_two_processes
+from test_d3po import check_two_process_run, record_writes_under, register_recorded_brightness, save_rank_outputs
+
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -416,3 +425,48 @@ def test_recipes_validate_and_document_themselves(path):
 
 def test_there_is_a_recipe_per_family():
     assert [p.stem for p in RECIPES] == ["flux", "sd15", "sdxl"]
+
+
+# --- two processes -------------------------------------------------------------------------------
+
+
+def test_two_process_adjoint_matching_keeps_ranks_identical_and_only_rank0_writes(tmp_path):
+    """Two gloo CPU processes on tiny-flux (memoryless flow SDE, 4 steps, loss on 2 random steps
+    per trajectory): each rank samples its own trajectories (its own noise stream), the averaged
+    gradients keep the LoRA identical on both ranks, and only rank 0 writes the run folder."""
+    result = run_two_processes(__file__, str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = check_two_process_run(tmp_path, steps=2, checkpoints=["step-1", "step-2"])
+    assert "batch: 2 prompts per process x 2 processes x 1 accumulation steps = 4 prompts per optimizer step" in result.stdout
+    # one reward call (a(1) at x1) per step on each rank, 2 images each; the ranks' images differ
+    for calls in (rank0["scored"], rank1["scored"]):
+        assert [len(call["brightness"]) for call in calls] == [2, 2]
+    for call0, call1 in zip(rank0["scored"], rank1["scored"]):
+        assert all(a != b for a, b in zip(call0["brightness"], call1["brightness"]))
+
+
+def _two_process_worker(out: Path) -> None:
+    from diffalign import lora
+    from diffalign.config import load_config
+    from diffalign.trainers.adjoint_matching import AdjointMatchingTrainer
+
+    class Trainer(AdjointMatchingTrainer):
+        """Keeps a copy of the LoRA whenever ``evaluate`` runs: on every process, before the first
+        step and after the last (AdjointMatchingTrainer keeps no ``policy`` attribute to read)."""
+
+        snapshots: list = []
+
+        def evaluate(self, policy, reward):
+            self.snapshots.append(lora.lora_state_dict(policy.denoiser))
+            return super().evaluate(policy, reward)
+
+    scored = register_recorded_brightness()
+    writes = record_writes_under(out / "run")
+    config = _am_config(out, "tiny-flux", reward="recorded_brightness", timesteps_per_trajectory=2)
+    config["eval"] = {"reward": None}
+    Trainer(load_config(config, ["train.max_steps=2", "train.checkpoint_every=1", "train.learning_rate=5e-2"])).train()
+    save_rank_outputs(out, Trainer.snapshots, writes, scored)
+
+
+if __name__ == "__main__":
+    _two_process_worker(Path(sys.argv[1]))

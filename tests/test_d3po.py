@@ -1,10 +1,21 @@
 """D3PO: the loss by hand, preferences (ties, NPO inversion), the config, the human-feedback
-files (`diffalign sample` -> labels -> training), and the trainer on the tiny models."""
+files (`diffalign sample` -> labels -> training), the trainer on the tiny models, and real
+two-process runs (AI and human feedback).
+
+This file is also the two-process worker: ``accelerate launch ... tests/test_d3po.py OUT MODE
+[LABELS]``. Its two-process helpers (a write recorder, a recording reward, the shared checks) are
+used by the DRaFT and Adjoint Matching two-process tests too.
+"""
 
 from __future__ import annotations
 
+from conftest import run_two_processes
+
 import json
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,3 +292,201 @@ def test_training_on_human_labels_negative_marks_the_lora(tmp_path):
     assert train_records[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
     meta = read_lora_metadata(out / "final")
     assert meta["negative"] == "true" and meta["method"] == "d3po"
+
+
+# --- two processes -------------------------------------------------------------------------------
+#
+# Shared with tests/test_draft.py and tests/test_adjoint_matching.py. Each worker saves, per rank,
+# the LoRA before the first step and after the last (``rank{r}-init/final.safetensors``), and what
+# the rank scored and wrote under the run folder (``rank{r}.json``).
+
+
+def record_writes_under(root: Path) -> list[str]:
+    """Record from now on every file-system change this process makes under ``root`` (a file
+    opened for writing, mkdir, rename, remove, rmtree), through Python's audit hooks; returns the
+    list the records go to. Compiled writers (safetensors, torch.save) raise no audit event, but
+    the folders they write into are made with ``os.mkdir``."""
+    root = os.path.abspath(root)
+    writing_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    two_paths = ("os.rename", "os.link", "os.symlink")
+    one_path = ("os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate")
+    writes: list[str] = []
+
+    def under_root(path) -> bool:
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return False  # a file descriptor
+        path = os.path.abspath(os.fsdecode(path))
+        return path == root or path.startswith(root + os.sep)
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open":
+            path, mode, flags = args
+            writing = any(c in mode for c in "wax+") if mode is not None else bool(flags & writing_flags)
+            paths = [path] if writing else []
+        elif event in two_paths:
+            paths = list(args[:2])
+        elif event in one_path:
+            paths = [args[0]]
+        else:
+            return
+        writes.extend(f"{event} {os.fsdecode(path)}" for path in paths if under_root(path))
+
+    sys.addaudithook(hook)
+    return writes
+
+
+def register_recorded_brightness() -> list[dict]:
+    """Register the reward ``recorded_brightness``: brightness that also records, per call, the
+    prompts and each image's brightness, so a test can tell which samples each process drew.
+    Returns the list the records go to."""
+    from diffalign.rewards import Reward, register_reward
+    from diffalign.rewards.rules import brightness
+
+    calls: list[dict] = []
+
+    class RecordedBrightness(Reward):
+        def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            scores = brightness(images)
+            calls.append({"prompts": list(prompts), "brightness": scores.detach().tolist()})
+            return scores
+
+    register_reward("recorded_brightness", differentiable=True, uses_prompts=False)(
+        lambda: RecordedBrightness("recorded_brightness", differentiable=True, batch_size=None, weightless=True)
+    )
+    return calls
+
+
+def save_rank_outputs(out: Path, snapshots: list[dict[str, torch.Tensor]], writes: list[str], scored: list[dict]) -> None:
+    """This rank's LoRA before the first step and after the last, its writes and its scored samples."""
+    from safetensors.torch import save_file
+
+    rank = int(os.environ["RANK"])
+    for name, state in (("init", snapshots[0]), ("final", snapshots[-1])):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"rank{rank}-{name}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps({"writes": list(writes), "scored": scored}))
+
+
+def check_two_process_run(out: Path, steps: int, checkpoints: list[str]) -> tuple[dict, dict]:
+    """What every two-process trainer test checks; returns both ranks' records.
+
+    The LoRA is bit-identical on both ranks, before (same initialisation) and after training, and
+    training changed it; rank 0 alone wrote the run folder (config, metrics once per step,
+    checkpoints, final/ holding exactly the synced LoRA) and rank 1 wrote nothing there.
+    """
+    from safetensors.torch import load_file
+
+    init0, init1, final0, final1 = (load_file(str(out / f"rank{r}-{name}.safetensors"))
+                                    for name in ("init", "final") for r in (0, 1))
+    assert final0.keys() == final1.keys() == init0.keys() == init1.keys() and final0
+    assert all(torch.equal(init0[k], init1[k]) for k in init0)
+    assert all(torch.equal(final0[k], final1[k]) for k in final0)
+    assert all(init0[k].abs().max() == 0 for k in init0 if "lora_B" in k)  # B starts at zero ...
+    assert any(final0[k].abs().max() > 0 for k in final0 if "lora_B" in k)  # ... and training moved it
+
+    run = out / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))  # one writer, no duplicates
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+    saved = load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))  # diffusers names
+    assert len(saved) == len(final0)
+    assert all(any(torch.equal(t, f) for f in final0.values()) for t in saved.values())
+
+    rank0, rank1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank1["writes"] == []
+    # the recorder does see rank 0's writes: files opened for writing, folders renamed into place
+    for path in ("config.yaml", "metrics.jsonl"):
+        assert f"open {run / path}" in rank0["writes"], path
+    for path in ["final"] + [f"checkpoints/{name}" for name in checkpoints]:
+        assert f"os.rename {run / path}" in rank0["writes"], path
+    return rank0, rank1
+
+
+def _d3po_two_process_config(out: Path, labels: str | None, batch_size: int = 2):
+    from diffalign.config import load_config
+
+    feedback = {"labels": labels} if labels else {"reward": "recorded_brightness", "num_steps": 2}
+    return load_config({
+        "method": "d3po", "model": "tiny-sd", "output_dir": str(out), "seed": 0, "lora": {"rank": 4},
+        "train": {"max_steps": 2, "learning_rate": 1e-2, "batch_size": batch_size, "checkpoint_every": 1,
+                  "lr_scheduler": "constant"},
+        "d3po": {"prompts": ["a red cube", "a cat", "a tree"], "beta": 1.0, **feedback},
+    })
+
+
+def test_two_process_d3po_ai_feedback_keeps_ranks_identical_and_only_rank0_writes(tmp_path):
+    """Two gloo CPU processes, reward (AI) feedback: each rank samples its own pairs (its own noise
+    stream), the averaged gradients keep the LoRA identical on both, and only rank 0 writes."""
+    result = run_two_processes(__file__, str(tmp_path), "reward", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = check_two_process_run(tmp_path, steps=2, checkpoints=["step-1", "step-2"])
+    assert "batch: 2 pairs per process x 2 processes x 1 accumulation steps = 4 pairs per optimizer step" in result.stdout
+    # one reward call per step on each rank, both chains of 2 pairs; the ranks' images differ
+    for calls in (rank0["scored"], rank1["scored"]):
+        assert [len(call["brightness"]) for call in calls] == [4, 4]
+    for call0, call1 in zip(rank0["scored"], rank1["scored"]):
+        assert all(a != b for a, b in zip(call0["brightness"], call1["brightness"]))
+
+
+def test_two_process_d3po_human_labels_shard_the_pairs(tmp_path):
+    """Two processes on 4 labelled pairs, 2 per process: each step covers the whole set (rank 0
+    the first half of the epoch's order, rank 1 the second), so the synced LoRA equals one process
+    training on all 4 pairs per step, and differs from one process on 2 (what ranks sharing a
+    shard would give)."""
+    from safetensors.torch import load_file
+
+    from diffalign.config import load_config
+    from diffalign.feedback import write_feedback_round
+    from diffalign.lora import lora_state_dict
+    from diffalign.pipelines.loading import load_policy
+    from diffalign.trainers.d3po import D3POTrainer
+
+    labels = write_feedback_round(load_policy("tiny-sd"), load_config(_recipe(tmp_path)), tmp_path / "fb", num_pairs=4)
+    _fill(labels, [0, 1, 1, 0])
+    result = run_two_processes(__file__, str(tmp_path), "labels", str(labels), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_two_process_run(tmp_path, steps=2, checkpoints=["step-1", "step-2"])
+    assert "data: 4 pairs -> 1 optimizer steps per epoch, 2.00 epochs" in result.stdout
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["num_processes"] == 2 and state["data_state"] == {"epoch": 1, "position": 4}
+
+    # One process per batch size. Equal up to rounding, not bitwise: Adam divides by each gradient
+    # entry's magnitude, so entries near zero carry rounding into the weights. Measured: LoRA change
+    # 1.57, two processes vs one on 4 pairs 3e-4, vs one on 2 pairs 1.66.
+    init, two = (load_file(str(tmp_path / f"rank0-{name}.safetensors")) for name in ("init", "final"))
+    one = {}
+    for batch in (4, 2):
+        trainer = D3POTrainer(_d3po_two_process_config(tmp_path / f"one-process-{batch}", str(labels), batch_size=batch))
+        trainer.train()
+        one[batch] = lora_state_dict(trainer.policy.denoiser)
+    change = _distance(one[4], init)
+    assert _distance(two, one[4]) < 1e-2 * change
+    assert _distance(two, one[2]) > 0.3 * change
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The Euclidean distance between two LoRAs (same keys)."""
+    return math.sqrt(sum(((a[k] - b[k]) ** 2).sum().item() for k in a))
+
+
+def _two_process_worker(out: Path, mode: str, labels: str | None = None) -> None:
+    from diffalign import lora
+    from diffalign.trainers.d3po import D3POTrainer
+
+    class Trainer(D3POTrainer):
+        """Keeps a copy of the LoRA whenever ``evaluate`` runs: on every process, before the first
+        step and after the last."""
+
+        snapshots: list = []
+
+        def evaluate(self, policy, reward):
+            self.snapshots.append(lora.lora_state_dict(policy.denoiser))
+            return super().evaluate(policy, reward)
+
+    scored = register_recorded_brightness()
+    writes = record_writes_under(out / "run")
+    Trainer(_d3po_two_process_config(out / "run", labels if mode == "labels" else None)).train()
+    save_rank_outputs(out, Trainer.snapshots, writes, scored)
+
+
+if __name__ == "__main__":
+    _two_process_worker(Path(sys.argv[1]), *sys.argv[2:])
