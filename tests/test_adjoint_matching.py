@@ -8,7 +8,7 @@ This file is also the two-process worker: ``accelerate launch ... tests/test_adj
 from __future__ import annotations
 
 from conftest import run_two_processes
-from test_d3po import check_two_process_run, record_writes_under, register_recorded_brightness, save_rank_outputs
+from two_process_checks import check_two_process_run, record_writes_under, register_recorded_brightness, save_rank_outputs
 
 import math
 import sys
