@@ -215,11 +215,17 @@ def finish_run(
     return final
 
 
-def load_frozen_reward(spec, device):
+def load_frozen_reward(spec, device: torch.device | str, dtype: torch.dtype | str | None = None):
     """A registry reward on ``device``, in eval mode with its own weights frozen (gradients can
-    still flow through it to the images)."""
-    from diffalign.rewards import load_reward
+    still flow through it to the images).
 
-    reward = load_reward(spec).to(device)
+    The device (and ``dtype`` when given) goes to the reward's factory, so a reward with weights
+    (a 7B VLM judge, HPSv2's ViT-H) is loaded straight onto the device rather than built whole in
+    CPU memory first; either overrides the spec's own ``device``/``dtype``. ``dtype=None`` keeps the
+    spec's dtype or the reward's default. Rewards whose factory takes no device are moved after.
+    """
+    from diffalign.rewards import load_reward, options_taken
+
+    reward = load_reward(spec, **options_taken(spec, {"device": device, "dtype": dtype})).to(device)
     reward.requires_grad_(False)
     return reward.eval()

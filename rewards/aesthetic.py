@@ -19,7 +19,7 @@ from .base import Reward
 from .clip import load_open_clip
 from .image_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 from .registry import register_reward
-from .weights import freeze, load_state_dict_file, resolve_dtype, resolve_hub_file
+from .weights import freeze, load_state_dict_file, resolve_device, resolve_dtype, resolve_hub_file
 
 # The sac+logos+ava1-l14-linearMSE head, mirrored on the hub by TRL for its DDPO example.
 DEFAULT_HEAD = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
@@ -45,13 +45,14 @@ class AestheticHead(torch.nn.Module):
         return self.layers(embedding)
 
 
-def load_aesthetic_head(path: str) -> AestheticHead:
-    """Load the head from a state-dict file; its input width is read from ``layers.0.weight``."""
-    state = load_state_dict_file(path, "aesthetic", "head")
+def load_aesthetic_head(path: str, device: torch.device | str = "cpu") -> AestheticHead:
+    """Load the head onto ``device`` from a state-dict file; its input width is read from ``layers.0.weight``."""
+    state = load_state_dict_file(path, "aesthetic", "head", device=device)
     if "layers.0.weight" not in state:
         raise UserError(f"reward 'aesthetic': head='{path}' is not an aesthetic-predictor state dict "
                         f"(no 'layers.0.weight'; found {sorted(state)[:4]})")
-    head = AestheticHead(embed_dim=state["layers.0.weight"].shape[1])
+    with torch.device(device):
+        head = AestheticHead(embed_dim=state["layers.0.weight"].shape[1])
     expected = set(head.state_dict())
     if set(state) != expected:
         raise UserError(f"reward 'aesthetic': head='{path}' has keys {sorted(set(state) ^ expected)[:4]} "
@@ -93,12 +94,13 @@ def build_aesthetic(model: str = "ViT-L-14", pretrained: str | None = "openai", 
                     batch_size: int = 16, device: str = "cpu", dtype: str = "float32", bt_scale: float = 1.0) -> Reward:
     """LAION aesthetic score. ``model``/``pretrained``: the CLIP backbone (see ``clip``); ``head``: the MLP
     state-dict file, a local path or ``org/repo/filename`` on the hub."""
-    head_module = load_aesthetic_head(resolve_hub_file(head, "aesthetic", "head"))
-    clip_model, _, preprocess = load_open_clip("aesthetic", model, pretrained)
+    device = resolve_device(device, "aesthetic")
+    head_module = load_aesthetic_head(resolve_hub_file(head, "aesthetic", "head"), device)
+    clip_model, _, preprocess = load_open_clip("aesthetic", model, pretrained, device=device)
     embed_dim = getattr(clip_model.visual, "output_dim", None)
     if embed_dim is not None and embed_dim != head_module.layers[0].in_features:
         raise UserError(f"reward 'aesthetic': head expects {head_module.layers[0].in_features}-d embeddings but "
                         f"model='{model}' gives {embed_dim}-d; use the CLIP the head was trained on (ViT-L-14)")
     reward = AestheticScore(clip_model, preprocess, head_module, batch_size=batch_size, bt_scale=bt_scale,
                             dtype=resolve_dtype(dtype, device, "aesthetic"))
-    return reward.to(device)
+    return reward.to(device)  # the modules are already there; this moves the reward's empty device anchor

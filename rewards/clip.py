@@ -24,7 +24,7 @@ from diffalign.errors import UserError
 from .base import Reward, to_device_async
 from .image_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 from .registry import register_reward
-from .weights import freeze, is_local_dir, missing_weights_error, resolve_dtype
+from .weights import freeze, is_local_dir, missing_weights_error, resolve_device, resolve_dtype
 
 
 def open_clip_name(model: str) -> str:
@@ -35,15 +35,19 @@ def open_clip_name(model: str) -> str:
 
 
 def load_open_clip(
-    reward: str, model: str, pretrained: str | None, *, load_weights: bool = True
+    reward: str, model: str, pretrained: str | None, *, load_weights: bool = True, device: torch.device | str = "cpu"
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """Build an open_clip model, its tokenizer and its preprocessing config, frozen in eval mode.
+    """Build an open_clip model on ``device``, its tokenizer and its preprocessing config, frozen in eval mode.
+
+    The modules are created on ``device`` (``with torch.device(device)``), so the model is never whole
+    in CPU memory; open_clip reads the checkpoint itself onto the CPU and copies it in.
 
     Args:
         reward: the reward name, for error messages.
         model: architecture name, ``hf-hub:`` id or local directory (see module docstring).
         pretrained: tag (``"openai"``) or checkpoint path for an architecture name; ignored otherwise.
         load_weights: False builds the architecture only (HPS loads its own checkpoint afterwards).
+        device: where the parameters are created (float32; callers cast).
 
     Raises:
         UserError: unknown architecture or tag, or weights that cannot be fetched (names the hub id).
@@ -66,9 +70,9 @@ def load_open_clip(
         raise UserError(f"reward '{reward}': pretrained='{pretrained}' is neither a file nor a tag of {name} (tags: {tags})")
     try:
         # open_clip logs its failures on the root logger before raising; the UserError below says it in one line.
-        with _quiet_root_logger():
+        with _quiet_root_logger(), torch.device(device):
             clip_model = open_clip.create_model(name, pretrained=pretrained if is_arch else None,
-                                                load_weights=load_weights, weights_only=True)
+                                                load_weights=load_weights, weights_only=True, device=device)
         tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, OSError, ValueError) as error:
         source = tag_cfg.get("hf_hub", "").rstrip("/") or tag_cfg.get("url") or name.removeprefix("hf-hub:")
@@ -136,10 +140,11 @@ class OpenClipScore(Reward):
 def build_clip(model: str = "ViT-L-14", pretrained: str | None = "openai", scale: float = 100.0,
                batch_size: int = 16, device: str = "cpu", dtype: str = "float32", bt_scale: float = 1.0) -> Reward:
     """CLIP score ``scale * cos`` (open_clip). ``model``: architecture, ``hf-hub:`` id or local open_clip dir."""
-    clip_model, tokenizer, preprocess = load_open_clip("clip", model, pretrained)
+    device = resolve_device(device, "clip")
+    clip_model, tokenizer, preprocess = load_open_clip("clip", model, pretrained, device=device)
     reward = OpenClipScore("clip", clip_model, tokenizer, preprocess, scale=scale, batch_size=batch_size,
                            bt_scale=bt_scale, dtype=resolve_dtype(dtype, device, "clip"))
-    return reward.to(device)
+    return reward.to(device)  # the model is already there; this moves the reward's empty device anchor
 
 
 @contextlib.contextmanager

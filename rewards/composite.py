@@ -22,7 +22,7 @@ import torch
 from diffalign.errors import UserError
 
 from .base import Reward
-from .registry import get_reward_entry, load_reward, parse_reward_spec, register_reward
+from .registry import load_reward, options_taken, register_reward
 
 STANDARDIZE_MODES = ("none", "batch", "running")
 
@@ -94,22 +94,21 @@ class CompositeReward(Reward):
 @register_reward("composite", differentiable=None, rest_into="weights")
 def build_composite(weights: Mapping[str, float] | None = None, standardize: str | bool | None = "none",
                     eps: float = 1e-6, bt_scale: float = 1.0, device: str | None = None,
-                    batch_size: int | None = None) -> Reward:
+                    dtype: str | None = None, batch_size: int | None = None) -> Reward:
     """Weighted sum of rewards: ``weights`` maps reward specs to numbers.
 
-    ``device`` and ``batch_size`` are passed on to every part that takes them.
+    ``device``, ``dtype`` and ``batch_size`` are passed on to every part that takes them (so each part
+    with weights is loaded straight onto ``device``), overriding the part's own.
     """
     if not weights:
         raise UserError("reward 'composite' needs weights, e.g. {composite: {pickscore: 1.0, aesthetic: 0.1}}")
     mode = {True: "batch", False: "none", None: "none"}.get(standardize, standardize)  # type: ignore[arg-type]
     if mode not in STANDARDIZE_MODES:
         raise UserError(f"reward 'composite': standardize={standardize!r}; use one of {', '.join(STANDARDIZE_MODES)}")
-    shared: dict[str, Any] = {k: v for k, v in {"device": device, "batch_size": batch_size}.items() if v is not None}
+    shared: dict[str, Any] = {"device": device, "dtype": dtype, "batch_size": batch_size}
     parts: dict[str, Reward] = {}
     for spec, weight in weights.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise UserError(f"reward 'composite': weight of '{spec}' must be a number, got {weight!r}")
-        accepted = get_reward_entry(parse_reward_spec(spec)[0]).options
-        part_options = {k: v for k, v in shared.items() if accepted is None or k in accepted}
-        parts[spec] = load_reward(spec, **part_options)
+        parts[spec] = load_reward(spec, **options_taken(spec, shared))
     return CompositeReward(parts, weights, mode, eps=eps, bt_scale=bt_scale)

@@ -17,7 +17,7 @@ from .base import Reward
 from .clip import OpenClipScore, load_open_clip
 from .image_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .registry import register_reward
-from .weights import load_state_dict_file, resolve_dtype, resolve_hub_file
+from .weights import load_state_dict_file, resolve_device, resolve_dtype, resolve_hub_file
 
 HPS_CHECKPOINTS = {"2.1": "xswu/HPSv2/HPS_v2.1_compressed.pt", "2.0": "xswu/HPSv2/HPS_v2_compressed.pt"}
 
@@ -30,10 +30,12 @@ def build_hpsv2(model: str = "ViT-H-14", checkpoint: str | None = None, version:
     version = str(version)
     if version not in HPS_CHECKPOINTS:
         raise UserError(f"reward 'hpsv2': version='{version}' is not one of {', '.join(HPS_CHECKPOINTS)}")
+    device = resolve_device(device, "hpsv2")
     checkpoint_path = resolve_hub_file(checkpoint or HPS_CHECKPOINTS[version], "hpsv2", "checkpoint")
-    clip_model, tokenizer, _ = load_open_clip("hpsv2", model, None, load_weights=False)
-    state = load_state_dict_file(checkpoint_path, "hpsv2", "checkpoint")
+    clip_model, tokenizer, _ = load_open_clip("hpsv2", model, None, load_weights=False, device=device)
+    state = load_state_dict_file(checkpoint_path, "hpsv2", "checkpoint", device=device)
     missing, unexpected = clip_model.load_state_dict(state, strict=False)
+    del state  # the checkpoint's copy on the device; the model now holds the weights
     missing = [key for key in missing if key != "logit_bias"]
     if missing or unexpected:
         raise UserError(f"reward 'hpsv2': checkpoint='{checkpoint_path}' does not fit model='{model}' "
@@ -43,4 +45,4 @@ def build_hpsv2(model: str = "ViT-H-14", checkpoint: str | None = None, version:
                   "std": OPENAI_CLIP_STD, "interpolation": "bicubic", "resize_mode": "longest", "fill_color": 0}
     reward = OpenClipScore("hpsv2", clip_model, tokenizer, preprocess, scale=1.0, batch_size=batch_size,
                            bt_scale=bt_scale, dtype=resolve_dtype(dtype, device, "hpsv2"))
-    return reward.to(device)
+    return reward.to(device)  # the model is already there; this moves the reward's empty device anchor

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .base import Reward, to_device_async
 from .image_ops import center_crop, interpolation_mode, normalize, resize_shortest_side
 from .registry import register_reward
-from .weights import freeze, is_local_dir, missing_weights_error, resolve_dtype
+from .weights import freeze, is_local_dir, missing_weights_error, resolve_device, resolve_dtype
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -76,11 +76,14 @@ def build_pickscore(model: str = DEFAULT_MODEL, processor: str | None = None, ba
     from (default: ``model`` if it holds one, else ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``)."""
     from transformers import AutoProcessor, CLIPModel
 
+    device = resolve_device(device, "pickscore")
+    torch_dtype = resolve_dtype(dtype, device, "pickscore")
     if processor is None:
         has_own = is_local_dir(model) and any(os.path.isfile(os.path.join(model, f)) for f in _PROCESSOR_FILES)
         processor = model if has_own else DEFAULT_PROCESSOR
     try:
-        clip_model = CLIPModel.from_pretrained(model)
+        # loaded tensor by tensor straight onto the device, in the reward's dtype
+        clip_model = CLIPModel.from_pretrained(model, dtype=torch_dtype, device_map={"": device})
     except (OSError, ValueError) as error:
         raise missing_weights_error("pickscore", model, "model", "/path/to/PickScore_v1", error) from error
     try:
@@ -88,5 +91,5 @@ def build_pickscore(model: str = DEFAULT_MODEL, processor: str | None = None, ba
     except (OSError, ValueError) as error:
         raise missing_weights_error("pickscore", processor, "processor", "/path/to/CLIP-ViT-H-14-processor", error) from error
     reward = PickScore(freeze(clip_model), clip_processor, batch_size=batch_size, bt_scale=bt_scale,
-                       dtype=resolve_dtype(dtype, device, "pickscore"))
-    return reward.to(device)
+                       dtype=torch_dtype)
+    return reward.to(device)  # the model is already there; this moves the reward's empty device anchor

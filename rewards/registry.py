@@ -97,10 +97,18 @@ def parse_reward_spec(spec: RewardSpec) -> tuple[str, dict[str, Any]]:
     """Split a spec into ``(name, options)`` and validate both without building anything.
 
     Raises:
-        UserError: malformed spec, unknown reward name, or an option the reward does not take.
+        UserError: malformed spec, unknown reward name, an option the reward does not take, or a
+            composite with no parts.
     """
     if isinstance(spec, Reward):
         return spec.name, {}
+    name, options = _parse_reward_spec(spec)
+    _require_parts(name, options)
+    return name, options
+
+
+def _parse_reward_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``parse_reward_spec`` without the check that a composite has parts (``load_reward`` may add them)."""
     if isinstance(spec, str):
         name, options = _parse_spec_string(spec)
     elif isinstance(spec, Mapping):
@@ -136,12 +144,30 @@ def load_reward(spec: RewardSpec, **options: Any) -> Reward:
         if options:
             raise UserError(f"reward '{spec.name}' is already built; options {sorted(options)} cannot be applied")
         return spec
-    name, spec_options = parse_reward_spec(spec)
+    name, spec_options = _parse_reward_spec(spec)
     entry = _REGISTRY[name]
     merged = {**spec_options, **_check_options(entry, options)}
     if entry.rest_into and entry.rest_into in spec_options and entry.rest_into in options:
         merged[entry.rest_into] = {**spec_options[entry.rest_into], **options[entry.rest_into]}
+    _require_parts(name, merged)
     return entry.factory(**merged)
+
+
+def options_taken(spec: RewardSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that are not None and that the reward ``spec`` names takes.
+
+    For settings shared by rewards of every kind, e.g. placing each one on the training device::
+
+        load_reward(spec, **options_taken(spec, {"device": device, "dtype": dtype}))
+
+    passes ``device`` to every built-in reward, ``dtype`` to those with weights (and to composite,
+    which hands both on to its parts), and neither to a registered reward whose factory does not
+    take them. A built :class:`Reward` takes nothing.
+    """
+    if isinstance(spec, Reward):
+        return {}
+    accepted = _REGISTRY[_parse_reward_spec(spec)[0]].options
+    return {key: value for key, value in options.items() if value is not None and (accepted is None or key in accepted)}
 
 
 def is_differentiable_spec(spec: RewardSpec) -> bool:
@@ -194,6 +220,14 @@ def format_reward_spec(name: str, options: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------- helpers
+def _require_parts(name: str, options: Mapping[str, Any]) -> None:
+    """A composite with nothing to sum is a mistake (and would pass as differentiable): say so."""
+    rest_into = _REGISTRY[name].rest_into
+    if rest_into and not options.get(rest_into):
+        raise UserError(f"reward '{name}' needs weights: {rest_into} names no reward; list at least one, "
+                        f"e.g. {{{name}: {{pickscore: 1.0, aesthetic: 0.1}}}}")
+
+
 def _check_options(entry: RewardEntry, options: Mapping[str, Any]) -> dict[str, Any]:
     options = dict(options)
     if entry.options is None:

@@ -26,7 +26,7 @@ from diffalign.errors import UserError
 
 from .base import Reward, check_images, check_pair, to_device_async
 from .registry import register_reward
-from .weights import freeze, missing_weights_error, resolve_dtype
+from .weights import freeze, missing_weights_error, resolve_device, resolve_dtype
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 PAIRWISE_QUESTION = (
@@ -172,9 +172,12 @@ def build_vlm(model: str = DEFAULT_MODEL, processor: str | None = None, labels: 
     """VLM preference judge. ``model``: hub id or local HF directory of an image-text-to-text chat model."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    device = resolve_device(device, "vlm")
     torch_dtype = resolve_dtype(dtype, device, "vlm")
     try:
-        vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        # loaded tensor by tensor straight onto the device: a 7B judge is never whole in CPU memory
+        vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, device_map={"": device},
+                                                          trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise missing_weights_error("vlm", model, "model", "/path/to/dir", error) from error
     try:
@@ -189,7 +192,7 @@ def build_vlm(model: str = DEFAULT_MODEL, processor: str | None = None, labels: 
     judge = VLMJudge(freeze(vlm), vlm_processor, labels=labels, answers=answers, pairwise_question=pairwise_question,
                      pointwise_question=pointwise_question, system_prompt=system_prompt, image_size=image_size,
                      batch_size=batch_size, bt_scale=bt_scale)
-    return judge.to(device)
+    return judge.to(device)  # the model is already there; this moves the reward's empty device anchor
 
 
 def _answer_token_ids(tokenizer: Any, words: Sequence[str], option: str) -> tuple[int, int]:

@@ -50,19 +50,24 @@ def is_local_dir(spec: str) -> bool:
     return os.path.isdir(os.path.expanduser(spec))
 
 
-def load_state_dict_file(path: str, reward: str, option: str) -> dict[str, torch.Tensor]:
-    """Load a state dict from safetensors or a torch pickle with ``weights_only=True``.
+def load_state_dict_file(path: str, reward: str, option: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a state dict from safetensors or a torch pickle with ``weights_only=True``, straight onto
+    ``device`` (tensor by tensor, so a GPU reward never holds a whole copy in CPU memory).
 
     A checkpoint wrapped as ``{"state_dict": ...}`` (open_clip / HPS training format) is unwrapped
     and a DDP ``module.`` prefix removed.
     """
+    device = torch.device(device)
     try:
         if str(path).endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            state = load_file(path)
+            if device.type == "meta":  # safetensors cannot read onto "meta"; read, then drop the data
+                state = {key: value.to(device) for key, value in load_file(path).items()}
+            else:
+                state = load_file(path, device=str(device))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
         raise UserError(f"reward '{reward}': cannot read {option}='{path}' as a weights file: {_first_line(error)}") from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -72,6 +77,14 @@ def load_state_dict_file(path: str, reward: str, option: str) -> dict[str, torch
     if state and all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
     return state
+
+
+def resolve_device(device: str | torch.device, reward: str) -> torch.device:
+    """``"cuda"``, ``"cuda:1"``, ``"cpu"``, ``"meta"``, ... as a :class:`torch.device`; a bad name is a :class:`UserError`."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise UserError(f"reward '{reward}': device={device!r} is not a torch device; use e.g. cpu, cuda, cuda:1") from error
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str, reward: str) -> torch.dtype:

@@ -9,6 +9,7 @@ from rewards_fixtures import make_images, single_thread  # noqa: F401
 from diffalign.errors import UserError
 from diffalign.rewards import (
     Reward,
+    is_differentiable_spec,
     list_rewards,
     load_reward,
     parse_reward_spec,
@@ -194,6 +195,24 @@ def test_composite_running_statistics_match_all_seen_scores_and_restore():
     restored = load_reward("composite", weights={"brightness": 1.0}, standardize="running")
     restored.load_statistics(composite.statistics())
     assert restored.statistics() == composite.statistics()
+
+
+EMPTY_COMPOSITE = "reward 'composite' needs weights: weights names no reward; list at least one, " \
+                  "e.g. {composite: {pickscore: 1.0, aesthetic: 0.1}}"
+
+
+@pytest.mark.parametrize("spec", ["composite", "composite:standardize=batch", {"composite": None}, {"composite": {}},
+                                  {"composite": {"weights": {}, "standardize": "batch"}}, {"composite": {"weights": None}}])
+def test_a_composite_with_no_parts_is_rejected_where_it_is_parsed(spec):
+    for check in (parse_reward_spec, is_differentiable_spec, spec_uses_prompts, load_reward,
+                  lambda s: require_differentiable(s, "draft.reward")):
+        with pytest.raises(UserError) as error:
+            check(spec)
+        assert str(error.value) == EMPTY_COMPOSITE  # not "differentiable", as an empty all() would say
+    with pytest.raises(UserError, match="needs weights"):  # nested inside another composite too
+        parse_reward_spec({"composite": {"brightness": 1.0, "composite:standardize=batch": 1.0}})
+    # Parts given to load_reward as keywords complete a bare spec.
+    assert load_reward("composite", weights={"brightness": 1.0}).part_names == ["brightness"]
 
 
 def test_composite_bad_options():
