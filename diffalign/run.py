@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from diffalign.checkpoint import TrainingState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from diffalign.config import BaseRunConfig, TrainSettings, config_to_yaml
@@ -170,6 +170,15 @@ class Run:
         """True every ``logging.sample_every`` steps (never when it is 0)."""
         every = self.cfg.logging.sample_every
         return every > 0 and step % every == 0
+
+    def mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each metric (a float) averaged over the processes that report it. Collective: every
+        process must call it. A process may lack a key (e.g. no untied pairs, so no loss)."""
+        if self.num_processes == 1:
+            return metrics
+        reported = gather_object([metrics])
+        keys = dict.fromkeys(key for m in reported for key in m)
+        return {key: sum(m[key] for m in reported if key in m) / sum(key in m for m in reported) for key in keys}
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append ``{"step", "time", **metrics}`` to metrics.jsonl, send to trackers, update the bar.

@@ -179,11 +179,12 @@ def end_step(
     state,
     evaluate=None,
 ) -> dict[str, float]:
-    """The update and what follows it, after the step's gradients are accumulated: convert the
-    metrics (one device sync), stop on a non-finite loss, sync/clip/step, log, write the sample
-    grid (and ``evaluate()``'s metrics) every ``logging.sample_every`` steps, maybe checkpoint."""
-    metrics = {key: float(value) for key, value in metrics.items()}
-    if "loss" in metrics:
+    """The update and what follows it, after the step's gradients are accumulated: average the
+    metrics over processes (one device sync), stop on a non-finite loss, sync/clip/step, log,
+    write the sample grid (and ``evaluate()``'s metrics) every ``logging.sample_every`` steps,
+    maybe checkpoint."""
+    metrics = run.mean_over_processes({key: float(value) for key, value in metrics.items()})
+    if "loss" in metrics:  # averaged first, so every process stops together
         check_finite(metrics["loss"], step)
     metrics.update(optimizer_step(run, params, optimizer, lr_scheduler, cfg.train))
     metrics["lr"] = lr_scheduler.get_last_lr()[0]

@@ -368,6 +368,10 @@ def test_two_processes_stay_in_sync_and_only_main_writes(tmp_path):
         resumed = load(f"rank{rank}-resumed.safetensors")
         assert resumed.keys() == rank0.keys() and all(torch.equal(resumed[k], rank0[k]) for k in rank0)
 
+    # Metrics averaged over the processes that report them, the same on both.
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}-mean.json").read_text()) == {"rank": 0.5, "only_rank1": 5.0}
+
     run_dir = tmp_path / "run"
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6] and {m["rank"] for m in metrics} == {0.0}
@@ -387,6 +391,8 @@ def _two_process_worker(out: Path) -> None:
         safetensors.torch.save_file(init, str(out / "init.safetensors"))
     problem.train(run, 0, 6, extra={"rank": rank})
     safetensors.torch.save_file(dict(problem.snapshot()), str(out / f"rank{rank}.safetensors"))
+    local = {"rank": float(rank), **({"only_rank1": 5.0} if rank == 1 else {})}
+    (out / f"rank{rank}-mean.json").write_text(json.dumps(run.mean_over_processes(local)))
     run.finish()
 
     run = Run(cfg.model_copy(update={"resume": str(out / "run" / "checkpoints" / "step-3")}))

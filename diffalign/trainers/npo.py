@@ -396,11 +396,12 @@ class SelfNPOTrainer:
                 # 3. the student's x0 at a re-noised, strictly later timestep
                 with run.accelerator.autocast():
                     loss, micro = self.npo_step(policy, batch_prompts, generator, grid, x0, sizes, crops, ema)
-                check_finite(loss, step)
                 (loss / cfg.train.gradient_accumulation_steps).backward()
                 for key, value in micro.items():
                     metrics[key] = metrics.get(key, 0.0) + value / cfg.train.gradient_accumulation_steps
             # 4. update: optimizer step on the synced gradients, then the teacher follows by EMA
+            metrics = run.mean_over_processes({key: float(value) for key, value in metrics.items()})
+            check_finite(metrics["loss"], step)  # averaged first, so every process stops together
             metrics.update(optimizer_step(run, list(params.values()), optimizer, lr_scheduler, cfg.train))
             ema_update(ema, params, cfg.self_npo.ema_decay)
             metrics["lr"] = lr_scheduler.get_last_lr()[0]
