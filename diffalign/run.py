@@ -34,6 +34,8 @@ import importlib.util
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -112,7 +114,6 @@ class Run:
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
             torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
-        self._sdpa_flags_before = set_sdpa_backends(cfg.train.sdpa_backends)
         self.skipped_updates = 0  # updates not applied for a non-finite gradient norm (this session)
         self.skipped_in_a_row = 0
 
@@ -131,6 +132,10 @@ class Run:
             self._progress = tqdm(total=cfg.train.max_steps, desc="train", unit="step", dynamic_ncols=True)
         if report_to:
             self.accelerator.init_trackers(cfg.logging.project_name, config=_flatten(cfg.model_dump(mode="json")))
+
+        # 4. process-wide settings, undone by finish(): attention kernels, stop-at-step-end signals
+        self._sdpa_flags_before = set_sdpa_backends(cfg.train.sdpa_backends)
+        self._install_stop_handlers()
 
     def _prepare_out_dir(self, overwrite: bool) -> None:
         out, resume = self.out_dir, self.cfg.resume
@@ -237,12 +242,49 @@ class Run:
         return folder
 
     def maybe_checkpoint(self, step: int, state: TrainingState) -> bool:
-        """Checkpoint every ``train.checkpoint_every`` steps and at ``train.max_steps``; True if it did."""
+        """Checkpoint every ``train.checkpoint_every`` steps and at ``train.max_steps``; True if it did.
+
+        Called at the end of every step, it is also where a SIGINT/SIGTERM takes effect: the step
+        is checkpointed and the run stops with a UserError saying how to resume (collective: one
+        process's signal stops them all)."""
         every = self.cfg.train.checkpoint_every
-        if (every > 0 and step % every == 0) or step == self.cfg.train.max_steps:
-            self.checkpoint(step, state)
+        stop = self._stop_requested()
+        if stop or (every > 0 and step % every == 0) or step == self.cfg.train.max_steps:
+            folder = self.checkpoint(step, state)
+            if stop:
+                self.finish()
+                raise UserError(f"stopped by {stop} after step {step}; {folder} holds it: continue with resume=latest")
             return True
         return False
+
+    def _install_stop_handlers(self) -> None:
+        """SIGINT/SIGTERM ask the run to stop at the end of the current step; a second one acts
+        as it would have before (Ctrl-C twice interrupts at once)."""
+        self._stop_signal: str | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python lets only the main thread set handlers
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int, frame) -> None:
+        self._stop_signal = signal.Signals(signum).name
+        signal.signal(signum, self._previous_handlers[signum])
+        self.print(f"\n{self._stop_signal}: stopping after this step with a checkpoint (send it again to stop now)")
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def _stop_requested(self) -> str | None:
+        """The signal that asked to stop, if any process got one."""
+        if self.num_processes > 1:
+            flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() > 0:
+                return self._stop_signal or "a signal to another process"
+            return None
+        return self._stop_signal
 
     def restore(self, state: TrainingState) -> int:
         """Load ``resume`` (``latest`` or a path) into ``state`` on every process; the step to continue from.
@@ -289,6 +331,7 @@ class Run:
             self._progress.close()
             self._progress = None
         set_sdpa_backends(None, restore=self._sdpa_flags_before)
+        self._restore_signal_handlers()
 
 
 # --- optimisation helpers --------------------------------------------------------------------

@@ -9,7 +9,9 @@ from __future__ import annotations
 from conftest import run_two_processes
 
 import json
+import os
 import random
+import signal
 import sys
 from pathlib import Path
 from typing import Literal
@@ -140,6 +142,35 @@ def test_resume_is_bitwise_identical_to_straight_run(tmp_path):
     assert [p.name for p in run.checkpoints()] == ["step-3", "step-6"]
     files = sorted(p.name for p in (split_dir / "checkpoints" / "step-6").iterdir())
     assert files == ["extra.safetensors", "lora.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt", "state.json"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_after_the_step_with_a_checkpoint(tmp_path, signum):
+    """SIGTERM (a scheduler's preemption) or Ctrl-C during step 2 finishes step 2, checkpoints it
+    (checkpoint_every is 3) and stops with how to resume; resuming gives the straight run bitwise."""
+    before = signal.getsignal(signum)
+    run = Run(toy_config(tmp_path / "straight"))
+    straight = ToyProblem(run.cfg.train)
+    straight.train(run, 0, 6)
+    run.finish()
+
+    cfg = toy_config(tmp_path / "stopped")
+    run = Run(cfg)
+    stopped = ToyProblem(cfg.train)
+    stopped.train(run, 0, 1)
+    os.kill(os.getpid(), signum)  # arrives during step 2
+    name = signal.Signals(signum).name
+    with pytest.raises(UserError, match=rf"stopped by {name} after step 2; .*step-2 holds it: continue with resume=latest"):
+        stopped.train(run, 1, 6)
+    assert signal.getsignal(signum) == before  # finish() put the handler back
+    assert [p.name for p in run.checkpoints()] == ["step-2"]
+
+    run = Run(cfg.model_copy(update={"resume": "latest"}))
+    resumed = ToyProblem(cfg.train, init_seed=99)
+    resumed.train(run, run.restore(resumed.state), 6)
+    run.finish()
+    a, b = straight.snapshot(), resumed.snapshot()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_checkpoint_files_load_weights_only(tmp_path):
@@ -372,6 +403,11 @@ def test_two_processes_stay_in_sync_and_only_main_writes(tmp_path):
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}-mean.json").read_text()) == {"rank": 0.5, "only_rank1": 5.0}
 
+    stops = [(tmp_path / f"rank{rank}-signalled.txt").read_text() for rank in (0, 1)]
+    assert stops[0].startswith("stopped by a signal to another process after step 2"), stops[0]
+    assert stops[1].startswith("stopped by SIGTERM after step 2"), stops[1]
+    assert (tmp_path / "signalled" / "checkpoints" / "step-2").is_dir()
+
     run_dir = tmp_path / "run"
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6] and {m["rank"] for m in metrics} == {0.0}
@@ -401,6 +437,19 @@ def _two_process_worker(out: Path) -> None:
     resumed.train(run, step, 6, extra={"rank": rank})
     safetensors.torch.save_file(dict(resumed.snapshot()), str(out / f"rank{rank}-resumed.safetensors"))
     run.finish()
+
+    # A signal to rank 1 alone stops both ranks after the same step.
+    run = Run(toy_config(out / "signalled"))
+    problem = ToyProblem(run.cfg.train, data_seed=100 + rank, global_rng=False)
+    problem.train(run, 0, 1)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    try:
+        problem.train(run, 1, 6)
+        stopped = "not stopped"
+    except UserError as err:
+        stopped = str(err)
+    (out / f"rank{rank}-signalled.txt").write_text(stopped)
 
     if rank == 0:  # one process, both ranks' batches, mean loss: what the synced run must match
         reference = ToyProblem(cfg.train, global_rng=False)
