@@ -41,6 +41,11 @@ class TrainingState:
     ``extra_tensors``: running statistics, EMA weights, ...; restored in place.
     ``data_state`` and ``extra_tensors`` are saved from the main process: keep them equal on
     every process (reduce statistics before updating them).
+    ``process_tensors``: what differs between processes and is not an RNG (e.g. the samples a
+    process drew for an update that spans several steps). Gathered to the main process and
+    saved as one ``process-<rank>.safetensors`` per process (only when some process holds any);
+    restoring replaces the dict's contents with this process's file, or empties it when the
+    checkpoint was saved by another number of processes.
     """
 
     params: dict[str, torch.Tensor] | list[torch.Tensor] | tuple[Callable[[], dict], Callable[[dict], None]]
@@ -49,6 +54,7 @@ class TrainingState:
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     data_state: dict = field(default_factory=dict)
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    process_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def _callables(self) -> tuple[Callable, Callable] | None:
         p = self.params
@@ -149,6 +155,15 @@ def _gather(obj: Any, accelerator: Accelerator) -> list:
     return out
 
 
+def _gather_to_main(obj: Any, accelerator: Accelerator) -> list | None:
+    """``obj`` from every process, in process order, on the main process; None elsewhere (collective)."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    out = [None] * accelerator.num_processes if accelerator.is_main_process else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -178,9 +193,12 @@ def save_checkpoint(
     """Write ``root/step-{step}``: into ``root/.tmp-step-N-<uuid>``, fsync, rename (main process).
 
     A crash mid-save leaves earlier checkpoints intact and no ``step-N``. Collective: every
-    process calls it; their RNG states are gathered into ``rng.pt``.
+    process calls it; their RNG states are gathered into ``rng.pt``, their ``process_tensors``
+    into ``process-<rank>.safetensors``.
     """
     rng = _gather(_rng_state(state.generators), accelerator)
+    own = {k: v.detach().to("cpu", copy=True) for k, v in state.process_tensors.items()}
+    per_process = _gather_to_main(own, accelerator)
     final = root / f"step-{step}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -196,6 +214,9 @@ def save_checkpoint(
                 _save_torch(tmp / "scheduler.pt", state.lr_scheduler.state_dict())
             _save_torch(tmp / "rng.pt", {"per_process": rng})
             _save_tensors(tmp / "extra.safetensors", state.extra_tensors)
+            if any(per_process):
+                for rank, tensors in enumerate(per_process):
+                    _save_tensors(tmp / f"process-{rank}.safetensors", tensors)
             info = {"step": step, "num_processes": accelerator.num_processes, "data_state": state.data_state}
             _save_json(tmp / "state.json", info)
             _fsync(tmp)
@@ -240,6 +261,11 @@ def load_checkpoint(folder: Path, state: TrainingState, accelerator: Accelerator
             else:
                 state.extra_tensors[name] = tensor
     per_process = _load_torch(folder / "rng.pt")["per_process"]
-    if len(per_process) == accelerator.num_processes:
+    same_processes = len(per_process) == accelerator.num_processes
+    if same_processes:
         _set_rng_state(per_process[accelerator.process_index], state.generators)
+    own = folder / f"process-{accelerator.process_index}.safetensors"
+    state.process_tensors.clear()
+    if same_processes and own.is_file():
+        state.process_tensors.update(safetensors.torch.load_file(str(own)))
     return info["step"], info["num_processes"]

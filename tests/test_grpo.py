@@ -289,6 +289,45 @@ def test_grpo_resume_mid_run_continues_identically(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# Checkpoints inside a round: (method, section, train overrides, checkpoint_every, max_steps, resume
+# step, position saved there as [inner epoch, first image of the next micro-batch]).
+MID_ROUND = [
+    # rounds of 8 images, 2 inner epochs of 2 steps (2 micro-batches of 2 each), half the sampler
+    # steps: step 3 stops inside epoch 2, after its shuffle was drawn; step 4 ends the round
+    ("grpo", {"num_steps": 2, "group_size": 4, "prompts_per_round": 2, "num_inner_epochs": 2,
+              "timestep_fraction": 0.5, "kl_beta": 0.1}, {"batch_size": 2, "gradient_accumulation_steps": 2}, 3, 4, 3,
+     [1, 4]),
+    # rounds of 4 images, 2 steps of 2: step 1 stops halfway through the round's only epoch, step 2
+    # ends the round, step 3 stops inside the next one
+    ("pref_grpo", {"num_steps": 2, "group_size": 4}, {"batch_size": 2}, 1, 3, 1, [0, 2]),
+]
+
+
+@pytest.mark.parametrize("method,section,train,every,steps,resume_step,position", MID_ROUND)
+def test_resume_inside_a_round_continues_identically(tmp_path, method, section, train, every, steps, resume_step,
+                                                     position):
+    """A checkpoint taken inside a round holds the round (samples, advantages, metrics, shuffle,
+    position); resuming from it reproduces the straight run bitwise: LoRA and logged metrics."""
+    from safetensors.torch import load_file
+
+    settings = dict(steps=steps, lr=3e-2, batch=train["batch_size"], section=section,
+                    train={**train, "checkpoint_every": every})
+    out, records = _train(tmp_path, "tiny-flux", method, **settings)
+    straight = load_file(out / "final" / "pytorch_lora_weights.safetensors")
+    folder = out / "checkpoints" / f"step-{resume_step}"
+    saved = load_file(folder / "process-0.safetensors")
+    assert saved["round.position"].tolist() == position
+    assert saved["round.latents"].shape[:2] == (section["group_size"] * section.get("prompts_per_round", 1), 3)
+    boundaries = [p for p in sorted((out / "checkpoints").iterdir()) if not (p / "process-0.safetensors").exists()]
+    assert [p.name for p in boundaries] == (["step-4"] if method == "grpo" else ["step-2"])
+
+    _, resumed_records = _train(tmp_path, "tiny-flux", method, **settings, resume=str(folder))
+    resumed = load_file(out / "final" / "pytorch_lora_weights.safetensors")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    drop_time = [{k: v for k, v in r.items() if k != "time"} for r in records]
+    assert [{k: v for k, v in r.items() if k != "time"} for r in resumed_records] == drop_time
+
+
 # --- two processes -------------------------------------------------------------------------------
 
 

@@ -214,6 +214,40 @@ def test_params_as_list_or_state_callables(tmp_path, form):
     run.finish()
 
 
+def test_process_tensors_are_saved_per_process_and_replace_the_dict_on_restore(tmp_path):
+    """process_tensors (what one process holds for an update spanning steps) go to
+    process-<rank>.safetensors; restoring replaces the dict's contents (other names and shapes
+    than it held); a checkpoint without them, or saved by another number of processes, empties it."""
+    own = {"round.latents": torch.arange(6.0).view(2, 3), "round.position": torch.tensor([1, 4])}
+    weights = [torch.nn.Parameter(torch.zeros(2))]
+    run = Run(toy_config(tmp_path / "run"))
+    run.checkpoint(1, TrainingState(params=weights))
+    run.checkpoint(2, TrainingState(params=weights, process_tensors=dict(own)))
+    run.finish()
+    folders = tmp_path / "run" / "checkpoints"
+    assert not (folders / "step-1" / "process-0.safetensors").exists()
+    stored = safetensors.torch.load_file(str(folders / "step-2" / "process-0.safetensors"))
+    assert stored.keys() == own.keys() and all(torch.equal(stored[k], own[k]) for k in own)
+
+    for step, expected in [(2, own), (1, {})]:
+        run = Run(toy_config(tmp_path / "run").model_copy(update={"resume": str(folders / f"step-{step}")}))
+        state = TrainingState(params=weights, process_tensors={"stale": torch.zeros(5)})
+        assert run.restore(state) == step
+        run.finish()
+        assert state.process_tensors.keys() == expected.keys()
+        assert all(torch.equal(state.process_tensors[k], v) for k, v in expected.items())
+
+    # The same files, as if saved by two processes: this one process restores none of them.
+    rng = torch.load(folders / "step-2" / "rng.pt", weights_only=True)
+    torch.save({"per_process": rng["per_process"] * 2}, folders / "step-2" / "rng.pt")
+    (folders / "step-2" / "process-1.safetensors").write_bytes((folders / "step-2" / "process-0.safetensors").read_bytes())
+    state = TrainingState(params=weights, process_tensors={"stale": torch.zeros(5)})
+    run = Run(toy_config(tmp_path / "run").model_copy(update={"resume": str(folders / "step-2")}))
+    run.restore(state)
+    run.finish()
+    assert state.process_tensors == {}
+
+
 def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     cfg = toy_config(tmp_path / "run")
     run = Run(cfg)
@@ -414,6 +448,12 @@ def test_two_processes_stay_in_sync_and_only_main_writes(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-3", "step-6"]
     rng = torch.load(run_dir / "checkpoints" / "step-3" / "rng.pt", weights_only=True)["per_process"]
     assert len(rng) == 2 and not torch.equal(rng[0]["generators"]["data"], rng[1]["generators"]["data"])
+    # Each rank's process_tensors: written by the main process, one file per rank, restored to that rank.
+    for rank in (0, 1):
+        stored = safetensors.torch.load_file(str(run_dir / "checkpoints" / "step-3" / f"process-{rank}.safetensors"))
+        assert list(stored) == ["own"] and torch.equal(stored["own"], torch.full((rank + 1,), float(rank)))
+        restored = safetensors.torch.load_file(str(tmp_path / f"rank{rank}-process-tensors.safetensors"))
+        assert list(restored) == ["own"] and torch.equal(restored["own"], stored["own"])
 
 
 def _two_process_worker(out: Path) -> None:
@@ -422,6 +462,7 @@ def _two_process_worker(out: Path) -> None:
     run = Run(cfg)
     rank = run.process_index
     problem = ToyProblem(cfg.train, data_seed=100 + rank, global_rng=False)
+    problem.state.process_tensors["own"] = torch.full((rank + 1,), float(rank))  # shapes differ by rank
     if rank == 0:
         init = {f"param.{k}": v.detach().clone() for k, v in problem.params.items()}
         safetensors.torch.save_file(init, str(out / "init.safetensors"))
@@ -434,6 +475,7 @@ def _two_process_worker(out: Path) -> None:
     run = Run(cfg.model_copy(update={"resume": str(out / "run" / "checkpoints" / "step-3")}))
     resumed = ToyProblem(cfg.train, data_seed=7, init_seed=3, global_rng=False)
     step = run.restore(resumed.state)
+    safetensors.torch.save_file(resumed.state.process_tensors, str(out / f"rank{rank}-process-tensors.safetensors"))
     resumed.train(run, step, 6, extra={"rank": rank})
     safetensors.torch.save_file(dict(resumed.snapshot()), str(out / f"rank{rank}-resumed.safetensors"))
     run.finish()

@@ -23,6 +23,11 @@ Batch arithmetic: a round is ``prompts_per_round`` groups of ``group_size`` imag
 each inner epoch splits them into micro-batches of ``train.batch_size`` images, and every
 ``train.gradient_accumulation_steps`` micro-batches make one optimizer step. ``train.max_steps``
 counts optimizer steps.
+
+A checkpoint taken inside a round (``checkpoint_every`` not a multiple of the round's steps, or a
+stop by Ctrl-C / SIGTERM) keeps each process's round in ``TrainingState.process_tensors``: the
+chains, their log-probs, advantages, metrics, shuffle and position; a run resumed from it finishes
+that round exactly as the straight run would have.
 """
 
 from __future__ import annotations
@@ -206,14 +211,28 @@ class GRPOTrainer:
 
     # --- 1. sample ------------------------------------------------------------------------------
 
+    def sampling_settings(self, policy: DiffusionPolicy) -> tuple[float, float]:
+        """(guidance scale, noise level) of the sampler: the settings, or the family's defaults."""
+        s = self.settings
+        guidance = DEFAULT_GUIDANCE[policy.family] if s.guidance_scale is None else s.guidance_scale
+        noise_level = DEFAULT_NOISE_LEVEL[policy.family] if s.noise_level is None else s.noise_level
+        return guidance, noise_level
+
+    @torch.no_grad()
+    def round_conditioning(self, policy: DiffusionPolicy, prompts: list[str]):
+        """The conditioning of a round's chains: each prompt's, G times in a row."""
+        guidance, _ = self.sampling_settings(policy)
+        return sampling_conditioning(policy, prompts, guidance, self.settings.negative_prompt).repeat_interleave(
+            self.settings.group_size
+        )
+
     @torch.no_grad()
     def sample_round(self, policy: DiffusionPolicy, prompts: list[str], generator: torch.Generator) -> Trajectory:
         """G chains per prompt (groups consecutive), in sampler calls of ``sample_batch_size``."""
         s = self.settings
         size = policy.default_resolution()
-        guidance = DEFAULT_GUIDANCE[policy.family] if s.guidance_scale is None else s.guidance_scale
-        noise_level = DEFAULT_NOISE_LEVEL[policy.family] if s.noise_level is None else s.noise_level
-        cond = sampling_conditioning(policy, prompts, guidance, s.negative_prompt).repeat_interleave(s.group_size)
+        guidance, noise_level = self.sampling_settings(policy)
+        cond = self.round_conditioning(policy, prompts)
         total = len(prompts) * s.group_size
         latents = policy.initial_noise(total, size, size, generator, group_size=s.group_size if s.same_noise else 1)
         chunk = s.sample_batch_size or total
@@ -265,6 +284,47 @@ class GRPOTrainer:
             kl = gaussian_mean_kl(mean, ref_mean, std)
         return grpo_loss(log_prob, trajectory.log_probs[:, step], advantages.to(log_prob.device), s.clip_range, kl, s.kl_beta)
 
+    # --- a round across a checkpoint -------------------------------------------------------------
+
+    def round_buffer(self, picks: Tensor, trajectory: Trajectory, advantages: Tensor,
+                     metrics: dict[str, float]) -> dict[str, Tensor]:
+        """What the rest of a round's updates read, for ``TrainingState.process_tensors``: the
+        prompt picks [N], the chains [N*G, T+1, C, h, w] and their sampling-time log-probs
+        [N*G, T], the advantages [N*G] and the round's metrics (as float64 scalars). The
+        conditioning and timesteps are recomputed from the picks on restore."""
+        buffer = {"round.picks": picks, "round.latents": trajectory.latents,
+                  "round.log_probs": trajectory.log_probs, "round.advantages": advantages}
+        buffer.update({f"round.metric.{k}": torch.tensor(float(v), dtype=torch.float64) for k, v in metrics.items()})
+        return buffer
+
+    def restore_round(self, tensors: dict[str, Tensor], policy: DiffusionPolicy, prompts: list[str], run: Run):
+        """The round a checkpoint was taken inside, from its :meth:`round_buffer` plus the shuffle
+        ``round.order`` and ``round.position`` (inner epoch, first image of the next micro-batch):
+        (trajectory, advantages, metrics, buffer, order, epoch, start)."""
+        s = self.settings
+        picks, latents = tensors["round.picks"], tensors["round.latents"]
+        expected = (s.prompts_per_round * s.group_size, s.num_steps + 1)
+        if tuple(latents.shape[:2]) != expected or int(picks.max()) >= len(prompts):
+            raise UserError(
+                f"the checkpoint was taken inside a round sampled with other {self.cfg.method}.prompts_per_round, "
+                "group_size, num_steps or prompts; resume with the settings it was saved with"
+            )
+        guidance, noise_level = self.sampling_settings(policy)
+        size = policy.default_resolution()
+        timesteps, next_timesteps = policy.schedule(s.num_steps, size, size)
+        with run.accelerator.autocast():
+            cond = self.round_conditioning(policy, [prompts[i] for i in picks.tolist()])
+        trajectory = Trajectory(
+            latents=latents.to(policy.device), log_probs=tensors["round.log_probs"].to(policy.device),
+            timesteps=timesteps, next_timesteps=next_timesteps, cond=cond, guidance_scale=guidance,
+            noise_level=noise_level,
+        )
+        advantages = tensors["round.advantages"]
+        metrics = {k.removeprefix("round.metric."): v.item() for k, v in tensors.items() if k.startswith("round.metric.")}
+        buffer = self.round_buffer(picks, trajectory, advantages, metrics)
+        epoch, start = tensors["round.position"].tolist()
+        return trajectory, advantages, metrics, buffer, tensors["round.order"], epoch, start
+
     def evaluate(self, policy: DiffusionPolicy, reward) -> dict[str, float]:
         """The mean reward of fixed samples (if ``eval.reward``)."""
         return {} if reward is None else {f"eval/{reward.name}": evaluate_reward(policy, reward, self.cfg.eval)}
@@ -302,12 +362,6 @@ class GRPOTrainer:
             f"{trained} of {s.num_steps} sampler steps each)\n"
             f"training: {cfg.train.max_steps} optimizer steps = {cfg.train.max_steps / steps_per_round:g} rounds"
         )
-        if steps_per_round > 1 and (cfg.train.checkpoint_every % steps_per_round or cfg.train.max_steps % steps_per_round):
-            run.print(
-                f"note: train.checkpoint_every ({cfg.train.checkpoint_every}) or train.max_steps ({cfg.train.max_steps}) "
-                f"is not a multiple of the {steps_per_round} steps of a round; a run resumed from a checkpoint taken "
-                "inside a round starts a new round there (use multiples to resume exactly)"
-            )
         mode = (f"pairwise win rate from {reward.name}.compare, {s.group_size * (s.group_size - 1) // 2} pairs per group"
                 if self.pairwise else f"pointwise reward {reward.name}")
         run.print(
@@ -319,23 +373,34 @@ class GRPOTrainer:
         before = log_start_evaluation(run, start_step, lambda: self.evaluate(policy, eval_reward))
 
         step = start_step
+        resumed = self.restore_round(state.process_tensors, policy, prompts, run) if state.process_tensors else None
+        if resumed is not None:
+            run.print(f"continuing the round in progress: inner epoch {resumed[-2] + 1}, from image {resumed[-1]}")
         while step < cfg.train.max_steps:
-            # 1. sample: a round of groups, every transition's log-probability recorded
-            picks = torch.randint(len(prompts), (s.prompts_per_round,), generator=pick_generator)
-            round_prompts = [prompts[i] for i in picks.tolist()]
-            with run.accelerator.autocast():
-                trajectory = self.sample_round(policy, round_prompts, generator)
-            # 2. score: pointwise rewards or win rates within each group
-            rewards, round_metrics = self.score(reward, trajectory.images, round_prompts)
-            # 3. advantages: normalised per group (or by the std of the whole round, over all processes)
-            all_rewards = run.accelerator.gather(rewards.to(run.device)).cpu()
-            advantages = group_advantages(all_rewards, s.global_std, s.adv_clip_max)
-            advantages = advantages.view(n, -1)[rank].view(-1)
-            trajectory = dataclasses.replace(trajectory, images=None, final_latents=None)
+            if resumed is not None:
+                # a checkpoint taken inside a round: its samples, advantages and shuffle carry on
+                trajectory, advantages, round_metrics, buffer, order, first_epoch, first_start = resumed
+                resumed = None
+            else:
+                # 1. sample: a round of groups, every transition's log-probability recorded
+                picks = torch.randint(len(prompts), (s.prompts_per_round,), generator=pick_generator)
+                round_prompts = [prompts[i] for i in picks.tolist()]
+                with run.accelerator.autocast():
+                    trajectory = self.sample_round(policy, round_prompts, generator)
+                # 2. score: pointwise rewards or win rates within each group
+                rewards, round_metrics = self.score(reward, trajectory.images, round_prompts)
+                # 3. advantages: normalised per group (or by the std of the whole round, over all processes)
+                all_rewards = run.accelerator.gather(rewards.to(run.device)).cpu()
+                advantages = group_advantages(all_rewards, s.global_std, s.adv_clip_max)
+                advantages = advantages.view(n, -1)[rank].view(-1)
+                trajectory = dataclasses.replace(trajectory, images=None, final_latents=None)
+                buffer = self.round_buffer(picks, trajectory, advantages, round_metrics)
+                first_epoch, first_start = 0, 0
             # 4. update: inner epochs of clipped-ratio steps on shuffled micro-batches
-            for _ in range(s.num_inner_epochs):
-                order = torch.randperm(round_size, generator=pick_generator)
-                for start in range(0, round_size, micro * accumulation):
+            for epoch in range(first_epoch, s.num_inner_epochs):
+                if first_start == 0:
+                    order = torch.randperm(round_size, generator=pick_generator)
+                for start in range(first_start, round_size, micro * accumulation):
                     if step == cfg.train.max_steps:
                         break
                     step += 1
@@ -350,8 +415,15 @@ class GRPOTrainer:
                             (loss / (accumulation * len(steps))).backward()
                             for k, v in micro_metrics.items():
                                 metrics[k] = metrics.get(k, 0.0) + v / (accumulation * len(steps))
+                    # where a checkpoint after this step resumes: the next micro-batch of this round
+                    next_epoch, next_start = divmod(epoch * round_size + start + micro * accumulation, round_size)
+                    state.process_tensors.clear()
+                    if next_epoch < s.num_inner_epochs:  # else the round is done: a new one follows
+                        position = torch.tensor([next_epoch, next_start])
+                        state.process_tensors.update({**buffer, "round.order": order, "round.position": position})
                     end_step(run, cfg, policy, step, metrics, params, optimizer, lr_scheduler, state,
                              evaluate=lambda: self.evaluate(policy, eval_reward))
+                first_start = 0
 
         after = self.evaluate(policy, eval_reward)
         return finish_run(run, cfg, policy, before, after, {"negative": "true"} if s.negative else None)
