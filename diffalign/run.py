@@ -62,7 +62,7 @@ __all__ = [
     "sync_gradients",
     "clip_gradients",
     "maybe_enable_xformers",
-    "set_sdpa_backends",
+    "set_sdpa_switches",
 ]
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -134,7 +134,8 @@ class Run:
             self.accelerator.init_trackers(cfg.logging.project_name, config=_flatten(cfg.model_dump(mode="json")))
 
         # 4. process-wide settings, undone by finish(): attention kernels, stop-at-step-end signals
-        self._sdpa_flags_before = set_sdpa_backends(cfg.train.sdpa_backends)
+        allowed = cfg.train.sdpa_backends
+        self._sdpa_before = set_sdpa_switches({name: name in allowed for name in SDPA_SWITCHES} if allowed else {})
         self._install_stop_handlers()
 
     def _prepare_out_dir(self, overwrite: bool) -> None:
@@ -300,7 +301,8 @@ class Run:
         if saved_processes != self.num_processes:
             self.print(
                 f"warning: {folder} was saved by {saved_processes} processes, this run has {self.num_processes}: "
-                "the effective batch changes and the per-process random streams are not restored"
+                "the effective batch changes, and per-process random streams and state (e.g. a GRPO round "
+                "in progress) are not restored"
             )
         if self.is_main:
             self._truncate_metrics(step)
@@ -330,7 +332,7 @@ class Run:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        set_sdpa_backends(None, restore=self._sdpa_flags_before)
+        set_sdpa_switches(self._sdpa_before)
         self._restore_signal_handlers()
 
 
@@ -345,14 +347,11 @@ SDPA_SWITCHES = {
 }
 
 
-def set_sdpa_backends(backends: list[str] | None, restore: dict[str, bool] | None = None) -> dict[str, bool]:
-    """Allow only ``backends`` for scaled_dot_product_attention (None: leave torch's switches as
-    they are), or put back the switches of ``restore``. Returns the switches as they were."""
-    before = {name: enabled() for name, (enabled, _) in SDPA_SWITCHES.items()}
-    wanted = restore if restore is not None else (
-        None if backends is None else {name: name in backends for name in SDPA_SWITCHES}
-    )
-    for name, on in (wanted or {}).items():
+def set_sdpa_switches(switches: dict[str, bool]) -> dict[str, bool]:
+    """Turn scaled_dot_product_attention's kernels (names of ``SDPA_SWITCHES``) on or off for
+    the process; returns those switches as they were, to put them back with."""
+    before = {name: SDPA_SWITCHES[name][0]() for name in switches}
+    for name, on in switches.items():
         SDPA_SWITCHES[name][1](on)
     return before
 
