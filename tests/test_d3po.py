@@ -10,7 +10,7 @@ tests/two_process_checks.py.
 from __future__ import annotations
 
 from conftest import run_two_processes
-from two_process_checks import check_two_process_run, record_writes_under, register_recorded_brightness, save_rank_outputs
+from two_process_checks import check_ranks_scored_their_own_images, check_two_process_run, train_recording_rank_outputs
 
 import json
 import math
@@ -317,10 +317,7 @@ def test_two_process_d3po_ai_feedback_keeps_ranks_identical_and_only_rank0_write
     rank0, rank1 = check_two_process_run(tmp_path, steps=2, checkpoints=["step-1", "step-2"])
     assert "batch: 2 pairs per process x 2 processes x 1 accumulation steps = 4 pairs per optimizer step" in result.stdout
     # one reward call per step on each rank, both chains of 2 pairs; the ranks' images differ
-    for calls in (rank0["scored"], rank1["scored"]):
-        assert [len(call["brightness"]) for call in calls] == [4, 4]
-    for call0, call1 in zip(rank0["scored"], rank1["scored"]):
-        assert all(a != b for a, b in zip(call0["brightness"], call1["brightness"]))
+    check_ranks_scored_their_own_images(rank0, rank1, [4, 4])
 
 
 def test_two_process_d3po_human_labels_shard_the_pairs(tmp_path):
@@ -365,24 +362,10 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def _two_process_worker(out: Path, mode: str, labels: str | None = None) -> None:
-    from diffalign import lora
     from diffalign.trainers.d3po import D3POTrainer
 
-    class Trainer(D3POTrainer):
-        """Keeps a copy of the LoRA whenever ``evaluate`` runs: on every process, before the first
-        step and after the last."""
-
-        snapshots: list = []
-
-        def evaluate(self, policy, reward):
-            self.snapshots.append(lora.lora_state_dict(policy.denoiser))
-            return super().evaluate(policy, reward)
-
-    scored = register_recorded_brightness()
-    writes = record_writes_under(out / "run")
-    Trainer(_d3po_two_process_config(out / "run", labels if mode == "labels" else None)).train()
-    save_rank_outputs(out, Trainer.snapshots, writes, scored)
-
+    labels = labels if mode == "labels" else None
+    train_recording_rank_outputs(out, D3POTrainer, lambda: _d3po_two_process_config(out / "run", labels))
 
 if __name__ == "__main__":
     _two_process_worker(Path(sys.argv[1]), *sys.argv[2:])

@@ -7,7 +7,7 @@ This file is also the two-process worker: ``accelerate launch ... tests/test_dra
 from __future__ import annotations
 
 from conftest import run_two_processes
-from two_process_checks import check_two_process_run, record_writes_under, register_recorded_brightness, save_rank_outputs
+from two_process_checks import check_ranks_scored_their_own_images, check_two_process_run, train_recording_rank_outputs
 
 import sys
 from pathlib import Path
@@ -376,34 +376,17 @@ def test_two_process_draft_keeps_ranks_identical_and_only_rank0_writes(tmp_path)
     rank0, rank1 = check_two_process_run(tmp_path, steps=2, checkpoints=["step-1", "step-2"])
     assert "batch: 2 prompts per process x 2 processes x 1 accumulation steps = 4 prompts per optimizer step" in result.stdout
     # one reward call per step on each rank, 2 images each; the ranks' images differ
-    for calls in (rank0["scored"], rank1["scored"]):
-        assert [len(call["brightness"]) for call in calls] == [2, 2]
-    for call0, call1 in zip(rank0["scored"], rank1["scored"]):
-        assert all(a != b for a, b in zip(call0["brightness"], call1["brightness"]))
+    check_ranks_scored_their_own_images(rank0, rank1, [2, 2])
 
 
 def _two_process_worker(out: Path) -> None:
-    from diffalign import lora
     from diffalign.config import load_config
     from diffalign.trainers.draft import DraftTrainer
 
-    class Trainer(DraftTrainer):
-        """Keeps a copy of the LoRA whenever ``evaluate`` runs: on every process, before the first
-        step and after the last (DraftTrainer keeps no ``policy`` attribute to read afterwards)."""
-
-        snapshots: list = []
-
-        def evaluate(self, policy, reward):
-            self.snapshots.append(lora.lora_state_dict(policy.denoiser))
-            return super().evaluate(policy, reward)
-
-    scored = register_recorded_brightness()
-    writes = record_writes_under(out / "run")
     config = _draft_config(out, "tiny-sdxl", reward="recorded_brightness", k=2)
     config["eval"] = {"reward": None}
-    Trainer(load_config(config, ["train.max_steps=2", "train.checkpoint_every=1"])).train()
-    save_rank_outputs(out, Trainer.snapshots, writes, scored)
-
+    overrides = ["train.max_steps=2", "train.checkpoint_every=1"]
+    train_recording_rank_outputs(out, DraftTrainer, lambda: load_config(config, overrides))
 
 if __name__ == "__main__":
     _two_process_worker(Path(sys.argv[1]))

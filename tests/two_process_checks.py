@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -111,3 +113,32 @@ def check_two_process_run(out: Path, steps: int, checkpoints: list[str]) -> tupl
     for path in ["final"] + [f"checkpoints/{name}" for name in checkpoints]:
         assert f"os.rename {run / path}" in rank0["writes"], path
     return rank0, rank1
+
+
+def train_recording_rank_outputs(out: Path, trainer_cls: type, make_config: Callable[[], Any]) -> None:
+    """The body of a two-process worker: with the recording reward registered and writes under
+    ``out/run`` recorded, train ``trainer_cls(make_config())``, keeping the LoRA whenever
+    ``evaluate`` runs (on every process, before the first step and after the last); then
+    :func:`save_rank_outputs`."""
+    from diffalign import lora
+
+    class Recording(trainer_cls):
+        snapshots: list = []
+
+        def evaluate(self, policy, reward):
+            self.snapshots.append(lora.lora_state_dict(policy.denoiser))
+            return super().evaluate(policy, reward)
+
+    scored = register_recorded_brightness()
+    writes = record_writes_under(out / "run")
+    Recording(make_config()).train()
+    save_rank_outputs(out, Recording.snapshots, writes, scored)
+
+
+def check_ranks_scored_their_own_images(rank0: dict, rank1: dict, images_per_call: list[int]) -> None:
+    """Each rank made one reward call per entry of ``images_per_call``, of that many images, and
+    no image of rank 1 scored the same as rank 0's at the same place (own noise streams)."""
+    for calls in (rank0["scored"], rank1["scored"]):
+        assert [len(call["brightness"]) for call in calls] == images_per_call
+    for call0, call1 in zip(rank0["scored"], rank1["scored"]):
+        assert all(a != b for a, b in zip(call0["brightness"], call1["brightness"]))
