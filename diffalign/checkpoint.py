@@ -46,6 +46,7 @@ class TrainingState:
     saved as one ``process-<rank>.safetensors`` per process (only when some process holds any);
     restoring replaces the dict's contents with this process's file, or empties it when the
     checkpoint was saved by another number of processes.
+    ``grad_scaler``: fp16 loss scaling (its scale and growth count; the same on every process).
     """
 
     params: dict[str, torch.Tensor] | list[torch.Tensor] | tuple[Callable[[], dict], Callable[[dict], None]]
@@ -55,6 +56,7 @@ class TrainingState:
     data_state: dict = field(default_factory=dict)
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     process_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    grad_scaler: torch.amp.GradScaler | None = None
 
     def _callables(self) -> tuple[Callable, Callable] | None:
         p = self.params
@@ -218,6 +220,8 @@ def save_checkpoint(
                 for rank, tensors in enumerate(per_process):
                     _save_tensors(tmp / f"process-{rank}.safetensors", tensors)
             info = {"step": step, "num_processes": accelerator.num_processes, "data_state": state.data_state}
+            if state.grad_scaler is not None:
+                info["grad_scaler"] = state.grad_scaler.state_dict()
             _save_json(tmp / "state.json", info)
             _fsync(tmp)
             old = root / f".tmp-step-{step}-old-{uuid.uuid4().hex}" if final.exists() else None
@@ -250,6 +254,8 @@ def load_checkpoint(folder: Path, state: TrainingState, accelerator: Accelerator
         state.lr_scheduler.load_state_dict(_load_torch(folder / "scheduler.pt"))
     state.data_state.clear()
     state.data_state.update(info["data_state"])
+    if state.grad_scaler is not None and "grad_scaler" in info:
+        state.grad_scaler.load_state_dict(info["grad_scaler"])
     extra = safetensors.torch.load_file(str(folder / "extra.safetensors"))
     missing = sorted(set(state.extra_tensors) - set(extra))
     if missing:

@@ -13,12 +13,11 @@ Plain objects and functions, no base class. A trainer reads like::
         for _ in range(cfg.train.gradient_accumulation_steps):
             with run.accelerator.autocast():
                 loss = ...
-            (loss / cfg.train.gradient_accumulation_steps).backward()
-        sync_gradients(params, run.accelerator)       # mean over processes, one flat buffer
-        grad_norm = clip_gradients(params, cfg.train.max_grad_norm)
-        optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
+            run.backward(loss / cfg.train.gradient_accumulation_steps)   # fp16: through the loss scale
         step += 1
-        run.log(step, {"loss": loss.item(), "grad_norm": grad_norm})
+        # sync_gradients (mean over processes, one flat buffer), unscale, clip, step, zero:
+        metrics = optimizer_step(run, params, optimizer, scheduler, cfg.train)  # diffalign.training
+        run.log(step, {"loss": loss.item(), **metrics})
         run.maybe_checkpoint(step, state)              # every process calls it
     run.finish()
 
@@ -114,6 +113,8 @@ class Run:
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
             torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+        # fp16 needs loss scaling (bf16 has fp32's range): Run.backward scales, optimizer_step unscales
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if cfg.train.mixed_precision == "fp16" else None
         self.skipped_updates = 0  # updates not applied for a non-finite gradient norm (this session)
         self.skipped_in_a_row = 0
 
@@ -163,6 +164,10 @@ class Run:
         self.accelerator.wait_for_everyone()
 
     # --- output --------------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, through the fp16 loss scale when there is one."""
+        (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
 
     def print(self, msg: str) -> None:
         """Print on the main process only."""
@@ -236,6 +241,7 @@ class Run:
 
         Collective: every process must call it (their RNG states are gathered into the checkpoint).
         """
+        state.grad_scaler = self.grad_scaler
         folder = save_checkpoint(
             self.out_dir / "checkpoints", step, state, self.accelerator, self.cfg.train.checkpoints_total_limit
         )
@@ -297,6 +303,7 @@ class Run:
         if resume is None:
             return 0
         folder = find_checkpoint(resume, self.out_dir / "checkpoints")
+        state.grad_scaler = self.grad_scaler
         step, saved_processes = load_checkpoint(folder, state, self.accelerator)
         if saved_processes != self.num_processes:
             self.print(

@@ -46,17 +46,34 @@ def build_optimization(cfg: BaseRunConfig, params: Sequence[torch.nn.Parameter])
 def optimizer_step(
     run: Run, params: Sequence[torch.nn.Parameter], optimizer, lr_scheduler, train: TrainSettings
 ) -> dict[str, float]:
-    """All-reduce the LoRA gradients across processes, clip, step, advance the schedule and zero
-    the gradients. Returns ``{"grad_norm": norm before clipping}``.
+    """All-reduce the LoRA gradients across processes, unscale (fp16), clip, step, advance the
+    schedule and zero the gradients. Returns ``{"grad_norm": norm before clipping}`` (and the
+    fp16 ``loss_scale``).
 
-    A non-finite norm is never applied: the update is skipped (``{"skipped_updates": total}``)
-    while fewer than ``train.skip_nonfinite_updates`` were skipped in a row, else the run stops.
-    Every process sees the same all-reduced norm, so all skip or stop together."""
+    A non-finite norm is never applied. In fp16 with a loss scale of 1 or more it is an overflow
+    of the scale: the update is skipped and the scale halved, as torch's GradScaler does. Else the
+    update is skipped (``{"skipped_updates": total}``) while fewer than
+    ``train.skip_nonfinite_updates`` were skipped in a row, and the run stops after that. Every
+    process sees the same all-reduced gradients, so all skip or stop together."""
     sync_gradients(params, run.accelerator)
+    scaler = run.grad_scaler
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.unscale_(optimizer)
     grad_norm = clip_gradients(params, train.max_grad_norm)
-    if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
+    if math.isfinite(grad_norm):
+        run.skipped_in_a_row = 0
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+        lr_scheduler.step()
+        metrics = {"grad_norm": grad_norm}
+    elif scaler is not None and scale >= 1.0:
+        metrics = {}  # the loss scale overflowed: scaler.update() below halves it
+    else:
         if run.skipped_in_a_row >= train.skip_nonfinite_updates:
+            optimizer.zero_grad(set_to_none=True)
             raise UserError(
                 f"the gradient norm is {grad_norm} (the update was not applied; "
                 f"{run.skipped_in_a_row} skipped in a row before it); set train.skip_nonfinite_updates=N to skip "
@@ -66,12 +83,12 @@ def optimizer_step(
         run.skipped_in_a_row += 1
         run.skipped_updates += 1
         run.print(f"warning: gradient norm {grad_norm}; update skipped ({run.skipped_in_a_row} in a row)")
-        return {"skipped_updates": float(run.skipped_updates)}
-    run.skipped_in_a_row = 0
-    optimizer.step()
-    lr_scheduler.step()
+        metrics = {"skipped_updates": float(run.skipped_updates)}
+    if scaler is not None:
+        scaler.update()
+        metrics["loss_scale"] = scaler.get_scale()
     optimizer.zero_grad(set_to_none=True)
-    return {"grad_norm": grad_norm}
+    return metrics
 
 
 @torch.no_grad()

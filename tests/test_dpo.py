@@ -11,6 +11,7 @@ from conftest import run_two_processes
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -320,3 +321,42 @@ def test_a_training_run_skips_a_poisoned_update_and_logs_it(tmp_path, monkeypatc
     assert by_step[2]["skipped_updates"] == 1.0 and "grad_norm" not in by_step[2]
     assert by_step[1]["grad_norm"] > 0 and by_step[3]["grad_norm"] > 0
     assert all(torch.isfinite(t).all() for t in _lora_tensors(final).values())
+
+
+def test_fp16_scales_the_loss_halves_the_scale_on_overflow_and_resumes_it(tmp_path, monkeypatch):
+    """mixed_precision=fp16 trains through a loss scale: step 2's gradients are made inf after
+    backward, so that update is skipped and the scale halves (65536 -> 32768) without counting
+    as a non-finite update (skip_nonfinite_updates=0 would stop); the step-2 checkpoint keeps
+    the scale, and resuming from it gives the straight run's LoRA bitwise."""
+    import diffalign.training as training
+    from diffalign.trainers.diffusion_dpo import DiffusionDPOTrainer
+
+    real_sync, calls = training.sync_gradients, []
+
+    def overflow_second(params, accelerator):
+        calls.append(1)
+        if len(calls) == 2:
+            next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("inf")
+        real_sync(params, accelerator)
+
+    monkeypatch.setattr(training, "sync_gradients", overflow_second)
+    overrides = {"train.max_steps": 3, "train.mixed_precision": "fp16", "train.checkpoint_every": 2}
+    straight = DiffusionDPOTrainer(dpo_config(tmp_path / "straight", "tiny-sd", **overrides)).train()
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in records if "loss" in r}
+    scales = [by_step[s]["loss_scale"] for s in (1, 2, 3)]
+    assert scales[0] <= 65536.0 and scales[1] == scales[0] / 2 and scales[2] == scales[1]  # (beta 500 may
+    assert "grad_norm" not in by_step[2] and "skipped_updates" not in by_step[2]  # overflow step 1 too)
+    assert by_step[3]["grad_norm"] > 0
+    state = json.loads((tmp_path / "straight" / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["grad_scaler"]["scale"] == scales[1]
+
+    calls.extend([1, 1])  # the resumed run's one step (3) is not made to overflow
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step-3")
+    resumed = DiffusionDPOTrainer(dpo_config(run_dir, "tiny-sd", resume="latest", **overrides)).train()
+    a, b = _lora_tensors(straight), _lora_tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
+    assert last["step"] == 3 and last["loss_scale"] == scales[2]

@@ -199,7 +199,7 @@ class AdjointMatchingTrainer:
                     with run.accelerator.autocast():
                         _, fine_mean, std = policy.step_distribution(trajectory, k)
                         loss, terms = adjoint_matching_loss(fine_mean, base_means[:, k], std, adjoints[:, k + 1], am.loss_clip)
-                    (loss / accumulation).backward()
+                    run.backward(loss / accumulation)
                     for key in micro:
                         micro[key] += terms[key] / (len(steps) if key in ("clip_frac",) else 1.0)
                 micro["reward"] = rewards.mean()

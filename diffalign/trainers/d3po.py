@@ -226,7 +226,7 @@ class D3POTrainer:
         for step in steps:
             with run.accelerator.autocast():
                 loss, micro = self.d3po_step(policy, trajectory, winner, step)
-            (loss * weight / len(steps)).backward()
+            run.backward(loss * weight / len(steps))
             for key, value in micro.items():
                 metrics[key] = metrics.get(key, 0.0) + value / len(steps)
         return metrics

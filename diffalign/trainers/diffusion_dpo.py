@@ -182,7 +182,7 @@ class DiffusionDPOTrainer:
                 with run.accelerator.autocast():
                     loss, micro = self.dpo_step(policy, batch, generator)
                 # 3. accumulate
-                (loss / cfg.train.gradient_accumulation_steps).backward()
+                run.backward(loss / cfg.train.gradient_accumulation_steps)
                 for key, value in micro.items():
                     metrics[key] = metrics.get(key, 0.0) + value / cfg.train.gradient_accumulation_steps
             # 4. update

@@ -240,7 +240,7 @@ class DraftTrainer:
                 # 3. advantages: none; the reward's own gradient is the signal, loss = -scale * r
                 loss, micro = draft_loss(rewards, cfg.draft.reward_scale)
                 micro["k"] = mean_k
-                (loss / accumulation).backward()
+                run.backward(loss / accumulation)
                 for key, value in micro.items():
                     metrics[key] = metrics.get(key, 0.0) + value / accumulation
             # 4. update

@@ -396,7 +396,7 @@ class SelfNPOTrainer:
                 # 3. the student's x0 at a re-noised, strictly later timestep
                 with run.accelerator.autocast():
                     loss, micro = self.npo_step(policy, batch_prompts, generator, grid, x0, sizes, crops, ema)
-                (loss / cfg.train.gradient_accumulation_steps).backward()
+                run.backward(loss / cfg.train.gradient_accumulation_steps)
                 for key, value in micro.items():
                     metrics[key] = metrics.get(key, 0.0) + value / cfg.train.gradient_accumulation_steps
             # 4. update: optimizer step on the synced gradients, then the teacher follows by EMA

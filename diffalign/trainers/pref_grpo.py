@@ -412,7 +412,7 @@ class GRPOTrainer:
                         for j in steps:
                             with run.accelerator.autocast():
                                 loss, micro_metrics = self.grpo_step(policy, batch, advantages[index], j)
-                            (loss / (accumulation * len(steps))).backward()
+                            run.backward(loss / (accumulation * len(steps)))
                             for k, v in micro_metrics.items():
                                 metrics[k] = metrics.get(k, 0.0) + v / (accumulation * len(steps))
                     # where a checkpoint after this step resumes: the next micro-batch of this round
