@@ -15,6 +15,7 @@ derived from (seed, epoch, index), so an epoch's order and crops are reproducibl
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import os
@@ -305,26 +306,80 @@ class EpochSampler:
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.num_processes = rank, num_processes
         self.state = {"epoch": 0, "position": 0}
-        self._order = self._permutation(0)
+        self._orders: dict[int, list[int]] = {}
 
     def _permutation(self, epoch: int) -> list[int]:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        if epoch not in self._orders:  # the current epoch's, and the next one's once peeked at
+            self._orders = {e: o for e, o in self._orders.items() if e >= self.state["epoch"]}
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._orders[epoch] = torch.randperm(self.size, generator=generator).tolist()
+        return self._orders[epoch]
 
     def load_state(self, state: dict) -> None:
         self.state.update(state)
-        self._order = self._permutation(self.state["epoch"])
+
+    def _after(self, state: dict) -> tuple[dict, int, list[int]]:
+        """The state after the batch that follows ``state``, that batch's epoch and this process's indices."""
+        epoch, position = state["epoch"], state["position"]
+        global_batch = self.batch_size * self.num_processes
+        if position + global_batch > self.size:  # a partial last global batch is skipped
+            epoch, position = epoch + 1, 0
+        start = position + self.rank * self.batch_size
+        indices = self._permutation(epoch)[start : start + self.batch_size]
+        return {"epoch": epoch, "position": position + global_batch}, epoch, indices
 
     def next_indices(self) -> tuple[int, list[int]]:
-        """(epoch, indices) of this process's next batch; a partial last global batch is skipped."""
-        global_batch = self.batch_size * self.num_processes
-        if self.state["position"] + global_batch > self.size:
-            self.state["epoch"] += 1
-            self.state["position"] = 0
-            self._order = self._permutation(self.state["epoch"])
-        start = self.state["position"] + self.rank * self.batch_size
-        indices = self._order[start : start + self.batch_size]
-        self.state["position"] += global_batch
-        return self.state["epoch"], indices
+        """(epoch, indices) of this process's next batch."""
+        after, epoch, indices = self._after(self.state)
+        self.state.update(after)
+        return epoch, indices
+
+    def peek(self, count: int) -> list[tuple[int, list[int]]]:
+        """The (epoch, indices) that the next ``count`` calls of :meth:`next_indices` will return."""
+        state, batches = dict(self.state), []
+        for _ in range(count):
+            state, epoch, indices = self._after(state)
+            batches.append((epoch, indices))
+        return batches
+
+
+class Prefetcher:
+    """Runs ``load(key)`` in ``workers`` background threads for the keys announced ahead, so that
+    loading the next batches (image decoding, resizing) overlaps the training step. ``load`` must
+    be a pure function of ``key``: a result does not depend on which thread made it, or when.
+    An error in a background load is raised by the :meth:`get` that needs it. ``workers=0``
+    loads in :meth:`get`."""
+
+    def __init__(self, load, workers: int) -> None:
+        self._load = load
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, "diffalign-data") if workers else None
+        self._pending: dict = {}
+
+    def get(self, key):
+        future = self._pending.pop(key, None)
+        return future.result() if future is not None else self._load(key)
+
+    def schedule(self, keys) -> None:
+        """Start loading ``keys`` (the coming ones, in order); forget loads no longer coming."""
+        if self._pool is None:
+            return
+        keys = list(keys)
+        for stale in set(self._pending) - set(keys):
+            self._pending.pop(stale).cancel()
+        for key in keys:
+            if key not in self._pending:
+                self._pending[key] = self._pool.submit(self._load, key)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending = {}
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --- prompt sets ------------------------------------------------------------------------------

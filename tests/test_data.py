@@ -11,6 +11,7 @@ from PIL import Image
 
 from diffalign.data import (
     EpochSampler,
+    Prefetcher,
     JsonlPairs,
     PickAPicPairs,
     builtin_pairs,
@@ -141,6 +142,41 @@ def test_epoch_sampler_is_resumable_and_sharded():
     assert not set(r0.next_indices()[1]) & set(r1.next_indices()[1])
     with pytest.raises(UserError, match="fewer than one global batch"):
         EpochSampler(3, 2, 0, num_processes=2)
+
+
+def test_epoch_sampler_peek_foretells_next_indices_across_epochs_without_moving():
+    for rank in (0, 1):
+        sampler = EpochSampler(10, 2, seed=3, rank=rank, num_processes=2)
+        sampler.next_indices()
+        state = dict(sampler.state)
+        ahead = sampler.peek(4)  # 2 global batches of 4 per epoch of 10: crosses two epochs
+        assert sampler.state == state
+        assert [e for e, _ in ahead] == [0, 1, 1, 2]
+        assert [sampler.next_indices() for _ in range(4)] == ahead
+
+
+def test_prefetcher_loads_ahead_in_threads_and_raises_where_needed():
+    import threading
+
+    threads = {}
+
+    def load(key):
+        threads[key] = threading.current_thread().name
+        if key == "bad":
+            raise UserError("row 7: image b.png is not an image")
+        return key * 2
+
+    with Prefetcher(load, workers=2) as loader:
+        loader.schedule([1, 2, "bad"])
+        assert loader.get(1) == 2 and loader.get(2) == 4
+        assert threads[1].startswith("diffalign-data") and threads[2].startswith("diffalign-data")
+        loader.schedule(["bad"])
+        with pytest.raises(UserError, match="row 7: image b.png"):
+            loader.get("bad")
+        assert loader.get(5) == 10 and threads[5] == threading.current_thread().name  # not scheduled: loaded now
+    with Prefetcher(load, workers=0) as loader:  # no threads: schedule does nothing, get loads
+        loader.schedule([9])
+        assert 9 not in threads and loader.get(9) == 18
 
 
 def test_builtin_brightness_set_ranks_by_the_reward(tmp_path):

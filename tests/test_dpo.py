@@ -123,6 +123,21 @@ def test_dpo_steps_change_the_lora_and_lower_the_loss_on_a_fixed_batch(tmp_path,
     assert any(not torch.equal(a, b) for a, b in zip(before_weights, params))
 
 
+def test_loading_threads_do_not_change_training(tmp_path):
+    """data.num_workers=2 (the default: the coming batches are loaded in threads, crossing an
+    epoch of the built-in set) trains bitwise the same LoRA as loading in the loop."""
+    from diffalign.trainers.diffusion_dpo import DiffusionDPOTrainer
+
+    finals = [
+        DiffusionDPOTrainer(dpo_config(tmp_path / f"w{workers}", "tiny-sd", **{
+            "data.num_workers": workers, "data.max_samples": 12, "train.max_steps": 8,
+            "train.gradient_accumulation_steps": 2, "train.checkpoint_every": 0})).train()
+        for workers in (0, 2)
+    ]
+    a, b = _lora_tensors(finals[0]), _lora_tensors(finals[1])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_negative_dpo_is_dpo_on_swapped_pairs(tmp_path):
     from diffalign.data import PairBatch
 

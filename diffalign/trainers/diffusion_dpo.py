@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffalign.config import BaseRunConfig, describe_batch, register_method
-from diffalign.data import EpochSampler, PairBatch, collate_pairs, open_preference_pairs, split_pairs
+from diffalign.data import EpochSampler, PairBatch, Prefetcher, collate_pairs, open_preference_pairs, split_pairs
 from diffalign.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
 from diffalign.run import Run, TrainingState
 from diffalign.training import (
@@ -68,6 +68,10 @@ class PairDataSettings(BaseModel):
     eval_pairs: int = Field(
         0, ge=0, description="Hold out the last N pairs: preference accuracy on them is logged at start, "
         "every logging.sample_every steps and at the end."
+    )
+    num_workers: int = Field(
+        2, ge=0, description="Threads that load (decode, crop, resize) the coming micro-batches while the step "
+        "runs, one micro-batch each; 0 = load in the training loop."
     )
 
 
@@ -172,23 +176,29 @@ class DiffusionDPOTrainer:
         reward = self._eval_reward(run.device)
         before = log_start_evaluation(run, start_step, lambda: self.evaluate(policy, reward, eval_pairs, resolution))
 
-        for step in range(start_step + 1, cfg.train.max_steps + 1):
-            metrics: dict[str, float] = {}
-            for _ in range(cfg.train.gradient_accumulation_steps):
-                # 1. sample: the next pairs of this process's shard
-                epoch, indices = sampler.next_indices()
-                batch = collate_pairs(pairs, indices, resolution, cfg.seed, epoch, cfg.data.random_crop, cfg.data.random_flip)
-                # 2. score: denoising errors of policy and reference on shared noise
-                with run.accelerator.autocast():
-                    loss, micro = self.dpo_step(policy, batch, generator)
-                # 3. accumulate
-                run.backward(loss / cfg.train.gradient_accumulation_steps)
-                for key, value in micro.items():
-                    metrics[key] = metrics.get(key, 0.0) + value / cfg.train.gradient_accumulation_steps
-            # 4. update
-            metrics["epoch"] = sampler.state["epoch"]
-            end_step(run, cfg, policy, step, metrics, params, optimizer, lr_scheduler, state,
-                     evaluate=lambda: self.evaluate(policy, reward, eval_pairs, resolution))
+        def load(key: tuple[int, tuple[int, ...]]) -> PairBatch:  # the same batch in any thread, at any time
+            epoch, indices = key
+            return collate_pairs(pairs, indices, resolution, cfg.seed, epoch, cfg.data.random_crop, cfg.data.random_flip)
+
+        with Prefetcher(load, cfg.data.num_workers) as loader:
+            for step in range(start_step + 1, cfg.train.max_steps + 1):
+                metrics: dict[str, float] = {}
+                for _ in range(cfg.train.gradient_accumulation_steps):
+                    # 1. sample: the next pairs of this process's shard (loaded ahead by the workers)
+                    epoch, indices = sampler.next_indices()
+                    batch = loader.get((epoch, tuple(indices)))
+                    loader.schedule((e, tuple(i)) for e, i in sampler.peek(cfg.data.num_workers))
+                    # 2. score: denoising errors of policy and reference on shared noise
+                    with run.accelerator.autocast():
+                        loss, micro = self.dpo_step(policy, batch, generator)
+                    # 3. accumulate
+                    run.backward(loss / cfg.train.gradient_accumulation_steps)
+                    for key, value in micro.items():
+                        metrics[key] = metrics.get(key, 0.0) + value / cfg.train.gradient_accumulation_steps
+                # 4. update
+                metrics["epoch"] = sampler.state["epoch"]
+                end_step(run, cfg, policy, step, metrics, params, optimizer, lr_scheduler, state,
+                         evaluate=lambda: self.evaluate(policy, reward, eval_pairs, resolution))
 
         after = self.evaluate(policy, reward, eval_pairs, resolution)
         return finish_run(run, cfg, policy, before, after, {"negative": "true"} if cfg.dpo.negative else None)
