@@ -331,33 +331,27 @@ def test_resume_inside_a_round_continues_identically(tmp_path, method, section, 
 # --- two processes -------------------------------------------------------------------------------
 
 
-def test_two_process_grpo_global_std_keeps_ranks_identical(tmp_path):
+def test_two_process_grpo_global_std_keeps_ranks_identical_and_resumes_mid_round(tmp_path):
     """Two CPU processes (gloo): each samples its own group, the rewards are gathered for the
-    round-wide std, each process takes its own advantages; the LoRA stays identical on both."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
+    round-wide std, each process takes its own advantages; the LoRA stays identical on both.
+    Rounds of 2 steps (2 inner epochs): resuming both processes from step 3, inside the second
+    round, reproduces step 4 bitwise, each process from its own saved round."""
+    from conftest import run_two_processes
     from safetensors.torch import load_file
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        __file__, str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = run_two_processes(__file__, str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)
+    for rank in (0, 1):
+        resumed = load_file(str(tmp_path / f"rank{rank}-resumed.safetensors"))
+        assert all(torch.equal(resumed[k], rank0[k]) for k in rank0)
+    step3 = tmp_path / "run" / "checkpoints" / "step-3"
+    rounds = [load_file(str(step3 / f"process-{r}.safetensors")) for r in (0, 1)]
+    assert not torch.equal(rounds[0]["round.latents"], rounds[1]["round.latents"])  # each its own samples
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
     assert "x 2 processes = 8 images per round" in result.stdout
 
 
@@ -370,15 +364,18 @@ def _two_process_worker(out) -> None:
     from diffalign.lora import lora_state_dict
     from diffalign.trainers.pref_grpo import GRPOTrainer
 
-    cfg = load_config({
+    data = {
         "method": "grpo", "model": "tiny-flux", "output_dir": str(out / "run"), "lora": {"rank": 4},
-        "train": {"max_steps": 2, "learning_rate": 3e-2, "batch_size": 4, "checkpoint_every": 0},
-        "grpo": {"reward": "brightness", "prompts": PROMPTS, "group_size": 4, "num_steps": 2, "global_std": True},
-    })
-    trainer = GRPOTrainer(cfg, overwrite=True)
-    trainer.train()
-    state = lora_state_dict(trainer.policy.denoiser)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"rank{os.environ['RANK']}.safetensors"))
+        "train": {"max_steps": 4, "learning_rate": 3e-2, "batch_size": 4, "checkpoint_every": 1},
+        "grpo": {"reward": "brightness", "prompts": PROMPTS, "group_size": 4, "num_steps": 2, "global_std": True,
+                 "num_inner_epochs": 2},
+    }
+    rank = os.environ["RANK"]
+    for name, resume in (("", None), ("-resumed", str(out / "run" / "checkpoints" / "step-3"))):
+        trainer = GRPOTrainer(load_config({**data, "resume": resume}), overwrite=resume is None)
+        trainer.train()
+        state = lora_state_dict(trainer.policy.denoiser)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"rank{rank}{name}.safetensors"))
 
 
 if __name__ == "__main__":
