@@ -1,7 +1,7 @@
 """The ``diffalign`` command line.
 
     diffalign train CONFIG [key=value ...] [--dry-run] [--overwrite]
-    diffalign generate --model M [--lora DIR] [--npo DIR] --prompt TEXT --out FILE
+    diffalign generate --model M [--lora DIR] [--npo DIR] (--prompt TEXT --out FILE | --prompts FILE --out DIR)
     diffalign export-tiny {sd,sdxl,flux} OUT_DIR
     diffalign score ...            (see diffalign score --help)
     diffalign sample CONFIG --out DIR   (D3PO human-feedback pairs)
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from diffalign.errors import UserError
 
@@ -40,6 +41,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from diffalign.pipelines.loading import load_pipeline, pipeline_call_defaults
 
+    if args.prompts is not None:  # check the cheap things before loading a model
+        from diffalign.data import load_prompts
+
+        prompts = load_prompts(args.prompts, key="--prompts")
+        out = Path(args.out)
+        if out.suffix or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+            raise UserError(f"--out {out}: with --prompts give a new or empty folder (images are numbered inside it)")
     pipe = load_pipeline(args.model)
     is_flux = type(pipe).__name__ == "FluxPipeline"
     if args.npo and is_flux and args.true_cfg_scale is None:
@@ -66,17 +74,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.true_cfg_scale is not None:
         kwargs["true_cfg_scale"] = args.true_cfg_scale
         kwargs.setdefault("negative_prompt", "")  # true CFG needs a negative branch
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    images = pipe(
-        args.prompt, num_inference_steps=args.steps, generator=generator,
-        num_images_per_prompt=args.num_images, **kwargs,
-    ).images
-    root, ext = os.path.splitext(args.out)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    for i, image in enumerate(images):
-        path = args.out if len(images) == 1 else f"{root}-{i}{ext or '.png'}"
-        image.save(path)
-        print(path)
+
+    def images_for(prompt: str, seed: int):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return pipe(prompt, num_inference_steps=args.steps, generator=generator,
+                    num_images_per_prompt=args.num_images, **kwargs).images
+
+    if args.prompts is None:
+        images = images_for(args.prompt, args.seed)
+        root, ext = os.path.splitext(args.out)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        for i, image in enumerate(images):
+            path = args.out if len(images) == 1 else f"{root}-{i}{ext or '.png'}"
+            image.save(path)
+            print(path)
+        return 0
+
+    # --prompts: a folder of NNNNN[-j].png, prompt i with seed --seed + i (the same images for the
+    # same prompt and seed whatever else is in the file, so runs with and without a LoRA pair up),
+    # and prompts.txt naming each image's prompt in file-name order for `diffalign score`.
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, prompt in enumerate(prompts):
+        for j, image in enumerate(images_for(prompt, args.seed + i)):
+            name = f"{i:05d}.png" if args.num_images == 1 else f"{i:05d}-{j}.png"
+            image.save(out / name)
+            names.append(prompt)
+    (out / "prompts.txt").write_text("".join(f"{prompt}\n" for prompt in names))
+    print(f"wrote {len(names)} images for {len(prompts)} prompts to {out}/ "
+          f"(score them: diffalign score {out} --prompts {out / 'prompts.txt'} --reward NAME)")
     return 0
 
 
@@ -130,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", help="LoRA folder to load with pipe.load_lora_weights (e.g. runs/x/final)")
     gen.add_argument("--npo", help="negative LoRA folder used for the unconditional branch (Diffusion-NPO)")
     gen.add_argument("--npo-scale", type=float, default=1.0, help="strength of the negative LoRA")
-    gen.add_argument("--prompt", required=True)
+    which = gen.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="one prompt; --out is the PNG path")
+    which.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line; --out is a folder")
     gen.add_argument("--negative-prompt")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=30)
@@ -140,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int)
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--device", default="cpu")
-    gen.add_argument("--out", required=True, help="output PNG path (numbered when --num-images > 1)")
+    gen.add_argument("--out", required=True, help="output PNG path (numbered when --num-images > 1), or the folder "
+                     "for --prompts")
     gen.set_defaults(func=_cmd_generate)
 
     export = commands.add_parser("export-tiny", help="write an embedded tiny model as a diffusers directory")

@@ -89,6 +89,37 @@ def test_export_tiny_and_generate(tmp_path, capsys):
     assert "--lora" in capsys.readouterr().err
 
 
+def test_generate_a_prompt_file_into_a_folder_that_score_reads(tmp_path, capsys):
+    """--prompts: prompt i gets seed --seed + i, so its images equal a single --prompt run with
+    that seed; prompts.txt lists each image's prompt in file-name order, as `score` expects."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "eval.txt").write_text("a red cat\n\na blue house\n")
+    out = tmp_path / "samples"
+    common = ["--model", "tiny-sd", "--steps", "2", "--height", "64", "--width", "64", "--seed", "5"]
+    assert main(["generate", *common, "--prompts", str(tmp_path / "eval.txt"), "--num-images", "2",
+                 "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00000-0.png", "00000-1.png", "00001-0.png", "00001-1.png", "prompts.txt"]
+    assert (out / "prompts.txt").read_text().splitlines() == ["a red cat", "a red cat", "a blue house", "a blue house"]
+    assert main(["generate", *common[:-1], "6", "--prompt", "a blue house", "--num-images", "2",
+                 "--out", str(tmp_path / "house.png")]) == 0
+    assert (np.asarray(Image.open(tmp_path / "house-1.png")) == np.asarray(Image.open(out / "00001-1.png"))).all()
+    capsys.readouterr()
+    assert main(["score", str(out), "--prompts", str(out / "prompts.txt"), "--reward", "brightness",
+                 "--out", str(tmp_path / "scores.csv")]) == 0
+    with open(tmp_path / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["prompt"] for r in rows] == ["a red cat", "a red cat", "a blue house", "a blue house"]
+    # a file as --out, or a folder with images in it, is refused before any model loads
+    for bad in (tmp_path / "x.png", out):
+        assert main(["generate", *common, "--prompts", str(tmp_path / "eval.txt"), "--out", str(bad)]) == 2
+        assert "give a new or empty folder" in capsys.readouterr().err
+
+
 def test_generate_npo_on_flux_needs_true_cfg(tmp_path, capsys):
     assert main(["generate", "--model", "tiny-flux", "--npo", str(tmp_path), "--prompt", "x", "--steps", "2",
                  "--out", str(tmp_path / "x.png")]) == 2
