@@ -313,21 +313,29 @@ def test_non_finite_updates_are_skipped_up_to_the_limit_in_a_row(tmp_path):
     run.finish()
 
 
-def test_a_training_run_skips_a_poisoned_update_and_logs_it(tmp_path, monkeypatch):
-    """End to end: step 2's gradients are made NaN after backward; the run goes on, metrics.jsonl
-    marks the skipped update, and the final LoRA is finite."""
+def _poison_update(monkeypatch, step: int, value: float) -> list:
+    """Make the first LoRA gradient element ``value`` just before the all-reduce of update
+    ``step`` (counted from now); returns the call counter (append to it to shift the count)."""
     import diffalign.training as training
-    from diffalign.trainers.diffusion_dpo import DiffusionDPOTrainer
 
     real_sync, calls = training.sync_gradients, []
 
-    def poison_second(params, accelerator):
+    def poisoned(params, accelerator):
         calls.append(1)
-        if len(calls) == 2:
-            next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("nan")
+        if len(calls) == step:
+            next(p for p in params if p.grad is not None).grad.view(-1)[0] = value
         real_sync(params, accelerator)
 
-    monkeypatch.setattr(training, "sync_gradients", poison_second)
+    monkeypatch.setattr(training, "sync_gradients", poisoned)
+    return calls
+
+
+def test_a_training_run_skips_a_poisoned_update_and_logs_it(tmp_path, monkeypatch):
+    """End to end: step 2's gradients are made NaN after backward; the run goes on, metrics.jsonl
+    marks the skipped update, and the final LoRA is finite."""
+    from diffalign.trainers.diffusion_dpo import DiffusionDPOTrainer
+
+    _poison_update(monkeypatch, 2, float("nan"))
     out = tmp_path / "run"
     cfg = dpo_config(out, "tiny-sd", **{"train.max_steps": 3, "train.skip_nonfinite_updates": 1})
     final = DiffusionDPOTrainer(cfg).train()
@@ -343,18 +351,9 @@ def test_fp16_scales_the_loss_halves_the_scale_on_overflow_and_resumes_it(tmp_pa
     backward, so that update is skipped and the scale halves (65536 -> 32768) without counting
     as a non-finite update (skip_nonfinite_updates=0 would stop); the step-2 checkpoint keeps
     the scale, and resuming from it gives the straight run's LoRA bitwise."""
-    import diffalign.training as training
     from diffalign.trainers.diffusion_dpo import DiffusionDPOTrainer
 
-    real_sync, calls = training.sync_gradients, []
-
-    def overflow_second(params, accelerator):
-        calls.append(1)
-        if len(calls) == 2:
-            next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("inf")
-        real_sync(params, accelerator)
-
-    monkeypatch.setattr(training, "sync_gradients", overflow_second)
+    calls = _poison_update(monkeypatch, 2, float("inf"))
     overrides = {"train.max_steps": 3, "train.mixed_precision": "fp16", "train.checkpoint_every": 2}
     straight = DiffusionDPOTrainer(dpo_config(tmp_path / "straight", "tiny-sd", **overrides)).train()
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
