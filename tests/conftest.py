@@ -10,6 +10,8 @@ import tempfile
 
 import pytest
 
+from browser import browser_page  # noqa: F401  (the headless-Chromium fixture)
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 # The tiny models gain nothing from intra-op threads, and on a shared 2-core machine torch's
 # thread pool made the suite 3-4x slower (busy-waiting threads); set before torch is imported.
