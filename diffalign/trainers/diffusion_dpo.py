@@ -94,10 +94,11 @@ class DiffusionDPOTrainer:
         self.overwrite = overwrite
 
     def denoising_errors(
-        self, policy, batch: PairBatch, generator: torch.Generator, reference: bool = True
+        self, policy, batch: PairBatch, generator: torch.Generator, reference: bool = True, winners_only: bool = False
     ) -> tuple[torch.Tensor, ...]:
         """Per-sample denoising errors [B] of winner and loser under the policy (and, with
-        ``reference``, under the reference), with shared noise and timestep for each pair."""
+        ``reference``, under the reference), with shared noise and timestep for each pair.
+        ``winners_only`` (SFT training): only the policy's error on the winners, ``(err_w,)``."""
         cfg = self.cfg.dpo
         chosen, rejected = batch.chosen, batch.rejected
         sizes, crops = batch.original_sizes, batch.crops_top_left
@@ -120,7 +121,7 @@ class DiffusionDPOTrainer:
         t = policy.training_timesteps(b, generator, cfg.timestep_sampling).repeat(2)
         x_t = policy.noise(latents, noise, t)
         target = policy.target(latents, noise, t)
-        if cfg.loss == "sft" and reference:
+        if winners_only:
             pred_w = policy.predict(x_t[:b], t[:b], cond.select(slice(0, b)))
             return (per_sample_mse(pred_w, target[:b]),)
         err_w, err_l = per_sample_mse(policy.predict(x_t, t, cond), target).chunk(2)
@@ -132,24 +133,30 @@ class DiffusionDPOTrainer:
 
     def dpo_step(self, policy, batch: PairBatch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and metrics of one micro-batch of pairs (gradients flow into the LoRA)."""
-        errors = self.denoising_errors(policy, batch, generator)
         if self.cfg.dpo.loss == "sft":
-            return sft_loss(errors[0])
+            return sft_loss(self.denoising_errors(policy, batch, generator, winners_only=True)[0])
+        errors = self.denoising_errors(policy, batch, generator)
         return diffusion_dpo_loss(*errors, self.cfg.dpo.beta)
 
     @torch.no_grad()
     def evaluate_preferences(self, policy, eval_pairs, resolution: int, draws: int = 4) -> dict[str, float]:
         """On held-out pairs (no crop or flip randomness; fixed noise and timesteps):
         ``pref_acc`` = share of (pair, draw) where the policy denoises the preferred image
-        better than the other, and the DPO loss against the reference."""
+        better than the other, the DPO loss against the reference, and ``denoising_loss`` = the
+        mean error on the preferred images (the SFT objective). The same for both ``dpo.loss``."""
         batch = collate_pairs(eval_pairs, range(len(eval_pairs)), resolution, self.cfg.seed, 0, False, False)
         generator = torch.Generator().manual_seed(self.cfg.seed + 104_729)
-        wins, losses = [], []
+        wins, losses, denoising = [], [], []
         for _ in range(draws):
             err_w, err_l, ref_err_w, ref_err_l = self.denoising_errors(policy, batch, generator)
             wins.append((err_w < err_l).float())
             losses.append(diffusion_dpo_loss(err_w, err_l, ref_err_w, ref_err_l, self.cfg.dpo.beta)[0])
-        return {"eval/pref_acc": torch.cat(wins).mean().item(), "eval/dpo_loss": torch.stack(losses).mean().item()}
+            denoising.append(sft_loss(err_w)[0])
+        return {
+            "eval/pref_acc": torch.cat(wins).mean().item(),
+            "eval/dpo_loss": torch.stack(losses).mean().item(),
+            "eval/denoising_loss": torch.stack(denoising).mean().item(),
+        }
 
     def train(self):
         cfg = self.cfg
