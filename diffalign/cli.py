@@ -5,6 +5,7 @@
     diffalign export-tiny {sd,sdxl,flux} OUT_DIR
     diffalign score ...            (see diffalign score --help)
     diffalign sample CONFIG --out DIR   (D3PO human-feedback pairs)
+    diffalign report RUN_DIR       (rebuild RUN_DIR/report.html)
     diffalign methods | rewards | explain METHOD
 
 Multi-GPU: ``accelerate launch -m diffalign.cli train CONFIG``. A mistake in the input prints
@@ -118,6 +119,15 @@ def _cmd_export_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from diffalign.report import write_report
+
+    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        raise UserError(f"report: {args.run_dir} holds no metrics.jsonl; pass a run's output_dir")
+    print(write_report(args.run_dir))
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from diffalign.config import list_methods
 
@@ -191,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         sample = commands.add_parser("sample", help="sample image pairs for human labelling (D3PO)")
         add_sample_arguments(sample)
         sample.set_defaults(func=run_sample)
+
+    report = commands.add_parser("report", help="rebuild a run's report.html (plots, sample grids, config, guard)")
+    report.add_argument("run_dir", help="the run's output_dir")
+    report.set_defaults(func=_cmd_report)
 
     commands.add_parser("methods", help="list training methods").set_defaults(func=_cmd_methods)
     explain = commands.add_parser("explain", help="every config key of a method, with type, default and meaning")

@@ -146,6 +146,9 @@ class LoggingSettings(BaseModel):
         None, ge=0, description="CFG scale for samples; None = the family's default."
     )
     project_name: str = Field("diffalign", description="Tracker project name.")
+    report: bool = Field(
+        True, description="Write report.html (plots, sample grids, config, guard verdicts) at each checkpoint and the end."
+    )
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -170,8 +170,11 @@ class Run:
         (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
 
     def print(self, msg: str) -> None:
-        """Print on the main process only."""
+        """Print on the main process only; also appended to ``log.txt`` (read by the report)."""
         self.accelerator.print(msg)
+        if self.is_main and self.out_dir.is_dir():
+            with open(self.out_dir / "log.txt", "a") as log:
+                log.write(f"{msg}\n")
 
     def should_log(self, step: int) -> bool:
         """True every ``logging.log_every`` steps."""
@@ -195,13 +198,16 @@ class Run:
         """Append ``{"step", "time", **metrics}`` to metrics.jsonl, send to trackers, update the bar.
 
         Tensors become floats; NaN/inf are written as null (metrics.jsonl stays strict JSON).
-        Main process only; other processes return at once.
+        Strings (such as the guard's verdict) go to metrics.jsonl only. Main process only; other
+        processes return at once.
         """
         if not self.is_main:
             return
-        values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
+        values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items() if k not in texts}
         record = {"step": step, "time": round(time.time(), 3)}
         record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
+        record.update(texts)
         self._metrics.write(json.dumps(record) + "\n")
         if self.accelerator.trackers:
             self.accelerator.log(values, step=step)
@@ -246,6 +252,8 @@ class Run:
             self.out_dir / "checkpoints", step, state, self.accelerator, self.cfg.train.checkpoints_total_limit
         )
         self.print(f"saved checkpoint {folder}")
+        if step < self.cfg.train.max_steps:  # the last step's report is written by finish()
+            self.write_report()
         return folder
 
     def maybe_checkpoint(self, step: int, state: TrainingState) -> bool:
@@ -324,6 +332,18 @@ class Run:
         path.write_text("".join(line + "\n" for line in kept))
         self._metrics = open(path, "a", buffering=1)
 
+    def write_report(self) -> None:
+        """(Re)write ``report.html`` (diffalign.report) on the main process. A failure to draw it
+        is a warning: it never costs the run."""
+        if not (self.is_main and self.cfg.logging.report):
+            return
+        try:
+            from diffalign.report import write_report
+
+            write_report(self.out_dir)
+        except Exception as exc:  # noqa: BLE001  (matplotlib or a disk problem must not end training)
+            self.accelerator.print(f"warning: {self.out_dir / 'report.html'} not written: {exc}")
+
     def checkpoints(self) -> list[Path]:
         """This run's checkpoint folders, oldest first."""
         return list_checkpoints(self.out_dir / "checkpoints")
@@ -339,6 +359,7 @@ class Run:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+        self.write_report()
         set_sdpa_switches(self._sdpa_before)
         self._restore_signal_handlers()
 
