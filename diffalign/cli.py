@@ -2,7 +2,7 @@
 
     diffalign train CONFIG [key=value ...] [--dry-run] [--overwrite]
     diffalign generate --model M [--lora DIR] [--npo DIR] (--prompt TEXT --out FILE | --prompts FILE --out DIR)
-    diffalign export-tiny {sd,sdxl,flux} OUT_DIR
+    diffalign export-tiny {sd,sdxl,flux,sd3} OUT_DIR
     diffalign score ...            (see diffalign score --help)
     diffalign sample CONFIG --out DIR   (D3PO human-feedback pairs)
     diffalign report RUN_DIR       (rebuild RUN_DIR/report.html)
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     gen = commands.add_parser("generate", help="generate images with a stock pipeline (+ a trained LoRA)")
-    gen.add_argument("--model", required=True, help="hub id, diffusers directory, or tiny-sd | tiny-sdxl | tiny-flux")
+    gen.add_argument("--model", required=True, help="hub id, diffusers directory, or tiny-sd | tiny-sdxl | tiny-flux | tiny-sd3")
     gen.add_argument("--lora", help="LoRA folder to load with pipe.load_lora_weights (e.g. runs/x/final)")
     gen.add_argument("--npo", help="negative LoRA folder used for the unconditional branch (Diffusion-NPO)")
     gen.add_argument("--npo-scale", type=float, default=1.0, help="strength of the negative LoRA")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     export = commands.add_parser("export-tiny", help="write an embedded tiny model as a diffusers directory")
-    export.add_argument("family", choices=["sd", "sdxl", "flux", "tiny-sd", "tiny-sdxl", "tiny-flux"])
+    export.add_argument("family", choices=["sd", "sdxl", "flux", "sd3", "tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3"])
     export.add_argument("out_dir")
     export.set_defaults(func=_cmd_export_tiny)
 

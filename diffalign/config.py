@@ -170,7 +170,7 @@ class BaseRunConfig(BaseModel):
     method: str = Field(description="Training method; picks the config class and trainer.")
     model: str = Field(
         "tiny-sdxl",
-        description="Hub id, local diffusers directory, or an embedded tiny model: tiny-sd | tiny-sdxl | tiny-flux.",
+        description="Hub id, local diffusers directory, or an embedded tiny model: tiny-sd | tiny-sdxl | tiny-flux | tiny-sd3.",
     )
     output_dir: str | None = Field(None, description="Run directory; default runs/<method>.")
     seed: int = Field(0, description="Global seed (python, numpy, torch).")

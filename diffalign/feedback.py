@@ -134,7 +134,7 @@ class LabelledPairs:
             latents = torch.cat([f.get_slice("latents")[r : r + 1] for r in rows])
             log_probs = torch.cat([f.get_slice("log_probs")[r : r + 1] for r in rows])
             timesteps, next_timesteps = f.get_tensor("timesteps"), f.get_tensor("next_timesteps")
-        if policy.family != "flux":  # integer DDPM timesteps index the scheduler's alphas
+        if policy.prediction_type != "flow":  # integer DDPM timesteps index the scheduler's alphas
             timesteps, next_timesteps = timesteps.long(), next_timesteps.long()
         prompts = [self.meta["prompts"][r] for r in rows]
         guidance = float(self.meta["guidance_scale"])

@@ -28,7 +28,7 @@ from diffalign.config import LoraSettings
 from diffalign.errors import UserError
 from diffalign.pipelines.base import adapter_disabled  # noqa: F401  (the reference model; re-exported)
 
-FAMILIES = ("sd", "sdxl", "flux")
+FAMILIES = ("sd", "sdxl", "flux", "sd3")
 
 # Attention projections for UNets (as in the diffusers SD/SDXL LoRA scripts); for FLUX the
 # default of diffusers' train_dreambooth_lora_flux.py: joint-attention projections of both
@@ -50,12 +50,25 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
         "ff_context.net.0.proj",
         "ff_context.net.2",
     ],
+    # SD3 / SD3.5: both streams' joint-attention projections, the list of diffusers'
+    # train_dreambooth_lora_sd3.py and of Flow-GRPO / DiffusionNFT's SD3.5 training scripts.
+    # (SD3.5's extra image self-attention ``attn2`` of its dual-attention blocks is left out, as there.)
+    "sd3": [
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_k",
+        "attn.to_out.0",
+        "attn.to_q",
+        "attn.to_v",
+    ],
 }
 
 # Layer types peft's LoRA can wrap.
 LORA_WRAPPABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
 # The pipeline component that holds the denoiser; also the key prefix in the LoRA file.
-DENOISER_COMPONENT = {"sd": "unet", "sdxl": "unet", "flux": "transformer"}
+DENOISER_COMPONENT = {"sd": "unet", "sdxl": "unet", "flux": "transformer", "sd3": "transformer"}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # safetensors header key holding diffalign's own metadata (JSON), next to diffusers' keys.
 DIFFALIGN_METADATA_KEY = "diffalign"
@@ -67,16 +80,18 @@ def _check_family(family: str) -> None:
 
 
 def family_of_pipeline(pipeline_or_class) -> str:
-    """``"sd"``, ``"sdxl"`` or ``"flux"`` from a diffusers pipeline (or its class) by class name."""
+    """``"sd"``, ``"sdxl"``, ``"flux"`` or ``"sd3"`` from a diffusers pipeline (or its class) by class name."""
     cls = pipeline_or_class if isinstance(pipeline_or_class, type) else type(pipeline_or_class)
     name = cls.__name__
     if name.startswith("Flux"):
         return "flux"
+    if name.startswith("StableDiffusion3"):
+        return "sd3"
     if name.startswith("StableDiffusionXL"):
         return "sdxl"
     if name.startswith("StableDiffusion"):
         return "sd"
-    raise ValueError(f"cannot tell the model family of {name}; pass family='sd' | 'sdxl' | 'flux'")
+    raise ValueError(f"cannot tell the model family of {name}; pass family='sd' | 'sdxl' | 'flux' | 'sd3'")
 
 
 def matching_module_names(model: torch.nn.Module, target: str) -> list[str]:
@@ -221,7 +236,9 @@ def save_lora(
         raise ValueError(f"alpha {expected_alpha} does not match the adapter's lora_alpha {config.lora_alpha}")
     component = DENOISER_COMPONENT[family]
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name=adapter_name))
+    layers = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+    if family != "sd3":  # SD3's loader reads peft names as they are (train_dreambooth_lora_sd3.py saves them so)
+        layers = convert_state_dict_to_diffusers(layers)
     layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
     ours = {
         "diffalign_version": _diffalign_version(),

@@ -20,7 +20,7 @@ from diffalign.pipelines.loading import load_policy
 from diffalign.run import Run, build_lr_scheduler, build_optimizer, clip_gradients, maybe_enable_xformers, sync_gradients
 
 # Classifier-free guidance used for sample grids when logging.sample_guidance_scale is unset.
-DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "flux": 1.0}
+DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "flux": 1.0, "sd3": 4.5}  # SD3.5-M: its model card, Flow-GRPO
 
 
 def load_trainable_policy(cfg: BaseRunConfig, run: Run, **policy_options) -> tuple[DiffusionPolicy, list[torch.nn.Parameter]]:

@@ -42,11 +42,11 @@ StepMean = Callable[[int, Tensor], Tensor]
 def memoryless_noise_level(family: str) -> float:
     """The sampler ``noise_level`` that makes a family's SDE memoryless: sqrt(2) for flow models
     (the flow SDE's ``a``), 1.0 for SD/SDXL (DDIM eta = 1)."""
-    if family == "flux":
+    if family in ("flux", "sd3"):
         return math.sqrt(2.0)
     if family in ("sd", "sdxl"):
         return 1.0
-    raise ValueError(f"unknown model family {family!r}; expected 'sd', 'sdxl' or 'flux'")
+    raise ValueError(f"unknown model family {family!r}; expected 'sd', 'sdxl', 'flux' or 'sd3'")
 
 
 def memoryless_flow_sigma(t: Tensor | float, t_min: float = 1e-3) -> Tensor:

@@ -22,6 +22,7 @@ PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "FluxPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3",
 }
 FAMILY_PIPELINES = {family: name for name, family in PIPELINE_FAMILIES.items()}
 
@@ -45,7 +46,7 @@ def _family_of(class_name: str, model: str) -> str:
     if class_name not in PIPELINE_FAMILIES:
         raise UserError(
             f"model {model!r} is a {class_name or 'pipeline of unknown class'}; diffalign supports "
-            f"{', '.join(PIPELINE_FAMILIES)} (SD1.x/2.x, SDXL, FLUX.1)"
+            f"{', '.join(PIPELINE_FAMILIES)} (SD1.x/2.x, SDXL, FLUX.1, SD3/3.5)"
         )
     return PIPELINE_FAMILIES[class_name]
 
@@ -88,13 +89,14 @@ def load_pipeline(
 
 def policy_for(pipe, resolution: int | None = None, **options) -> DiffusionPolicy:
     """Wrap a loaded pipeline in its family's policy. ``options`` go to the policy class
-    (FLUX: ``embedded_guidance``, ``max_sequence_length``)."""
+    (FLUX: ``embedded_guidance``, ``max_sequence_length``; SD3: ``max_sequence_length``)."""
     from .flux import FluxPolicy
     from .sd import SDPolicy
+    from .sd3 import SD3Policy
     from .sdxl import SDXLPolicy
 
     family = _family_of(type(pipe).__name__, "pipeline")
-    policy_class = {"sd": SDPolicy, "sdxl": SDXLPolicy, "flux": FluxPolicy}[family]
+    policy_class = {"sd": SDPolicy, "sdxl": SDXLPolicy, "flux": FluxPolicy, "sd3": SD3Policy}[family]
     return policy_class(pipe, resolution=resolution, **options)
 
 
@@ -106,21 +108,21 @@ def load_policy(
     **options,
 ) -> DiffusionPolicy:
     """Load ``model`` and wrap it in its policy on ``device``. The tiny models default to their
-    64 px resolution and (FLUX) a 32-token T5 sequence."""
+    64 px resolution and (FLUX, SD3) a 32-token T5 sequence."""
     pipe = load_pipeline(model, torch_dtype=torch_dtype).to(device)
     if model in TINY_MODELS:
         resolution = resolution or TINY_RESOLUTION
-        if model == "tiny-flux":
+        if model in ("tiny-flux", "tiny-sd3"):
             options.setdefault("max_sequence_length", 32)
     return policy_for(pipe, resolution=resolution, **options)
 
 
 def pipeline_call_defaults(model: str) -> dict:
     """Keyword arguments for a stock pipeline ``__call__`` that match what diffalign trained
-    with: the tiny models' 64 px size and (FLUX) 32-token T5 sequence; nothing for real models."""
+    with: the tiny models' 64 px size and (FLUX, SD3) 32-token T5 sequence; nothing for real models."""
     if model not in TINY_MODELS:
         return {}
     kwargs = {"height": TINY_RESOLUTION, "width": TINY_RESOLUTION}
-    if model == "tiny-flux":
+    if model in ("tiny-flux", "tiny-sd3"):
         kwargs["max_sequence_length"] = 32
     return kwargs

@@ -17,9 +17,9 @@ on the one denoiser by switching peft adapters per branch; nothing is copied::
 
 How each family's pipeline is split into branches:
 
-* **SD / SDXL** batch ``[uncond, cond]`` into one UNet call under CFG. While NPO is enabled the
-  UNet's ``forward`` is wrapped: inside the pipeline's denoising loop (the ``progress_bar``
-  context every SD/SDXL ``__call__`` opens around it, which is tracked) and with the pipeline's
+* **SD / SDXL / SD3** batch ``[uncond, cond]`` into one denoiser call under CFG. While NPO is enabled the
+  denoiser's ``forward`` is wrapped: inside the pipeline's denoising loop (the ``progress_bar``
+  context every SD/SDXL/SD3 ``__call__`` opens around it, which is tracked) and with the pipeline's
   ``do_classifier_free_guidance`` on, the batch is split in halves, the first (unconditional /
   negative-prompt) half runs with the negative adapter active and the second with the positive
   adapters, and the outputs are concatenated. Every other call of the UNet passes through as is.
@@ -88,17 +88,19 @@ def _family(pipe) -> str:
     name = type(pipe).__name__
     if name.startswith("Flux"):
         return "flux"
+    if name.startswith("StableDiffusion3"):
+        return "sd3"  # batches [uncond, cond] like SD/SDXL, through its transformer
     if name.startswith("StableDiffusionXL"):
         return "sdxl"
     if name.startswith("StableDiffusion"):
         return "sd"
     raise ValueError(
-        f"NPO guidance supports Stable Diffusion, SDXL and FLUX pipelines, got {name}"
+        f"NPO guidance supports Stable Diffusion, SDXL, FLUX and SD3 pipelines, got {name}"
     )
 
 
 def _denoiser(pipe) -> torch.nn.Module:
-    return pipe.transformer if _family(pipe) == "flux" else pipe.unet
+    return pipe.transformer if _family(pipe) in ("flux", "sd3") else pipe.unet
 
 
 def _tuner_layers(module: torch.nn.Module) -> list:
@@ -304,7 +306,7 @@ def enable_npo(
     path = os.fspath(negative_lora)
     if os.path.isfile(path):
         path, weight_name = os.path.dirname(path) or ".", os.path.basename(path)
-    prefix = "transformer" if family == "flux" else "unet"
+    prefix = "transformer" if family in ("flux", "sd3") else "unet"
     denoiser.load_lora_adapter(
         path, prefix=prefix, adapter_name=adapter_name, weight_name=weight_name, use_safetensors=True,
         _pipeline=pipe,

@@ -65,6 +65,24 @@ FLUX_DEV_TRANSFORMER = dict(
     axes_dims_rope=(16, 56, 56),
 )
 
+# stabilityai/stable-diffusion-3.5-medium, transformer/config.json: 24 MMDiT blocks, the first 13
+# with SD3.5's dual attention (an extra image self-attention), RMS q/k norm.
+SD35_MEDIUM_TRANSFORMER = dict(
+    attention_head_dim=64,
+    caption_projection_dim=1536,
+    dual_attention_layers=tuple(range(13)),
+    in_channels=16,
+    joint_attention_dim=4096,
+    num_attention_heads=24,
+    num_layers=24,
+    out_channels=16,
+    patch_size=2,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    qk_norm="rms_norm",
+    sample_size=128,
+)
+
 
 SDXL_VAE = dict(
     act_fn="silu",

@@ -1,7 +1,7 @@
-"""The embedded default models: tiny random-weight SD, SDXL and FLUX pipelines.
+"""The embedded default models: tiny random-weight SD, SDXL, FLUX and SD3 pipelines.
 
 They are the stock diffusers pipeline classes (``StableDiffusionPipeline``,
-``StableDiffusionXLPipeline``, ``FluxPipeline``) with real transformers text encoders and
+``StableDiffusionXLPipeline``, ``FluxPipeline``, ``StableDiffusion3Pipeline``) with real transformers text encoders and
 tokenizers written locally, built from small configs with a fixed seed, so every code path of
 diffalign can run offline on a CPU. Each one is built once, saved with ``save_pretrained`` into a
 cache folder and from then on loaded with ``DiffusionPipeline.from_pretrained``, the same call a
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-TINY_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-flux")
+TINY_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3")
 # Bump when a tiny config changes so old caches are not reused.
 TINY_VERSION = 3
 # The image size the tiny models are meant to run at. Their VAEs downsample by 8 like the real
@@ -76,7 +76,7 @@ def export_tiny(name: str, out_dir: str | os.PathLike) -> Path:
 
 def build_tiny_pipeline(name: str, seed: int = TINY_SEED):
     """Build tiny model ``name`` in memory (random weights from ``seed``, all modules in eval mode)."""
-    builders = {"tiny-sd": _build_sd, "tiny-sdxl": _build_sdxl, "tiny-flux": _build_flux}
+    builders = {"tiny-sd": _build_sd, "tiny-sdxl": _build_sdxl, "tiny-flux": _build_flux, "tiny-sd3": _build_sd3}
     if name not in builders:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
     # fork_rng: building seeds torch; a caller's random stream must not depend on whether the
@@ -253,7 +253,7 @@ def _ddim_scheduler():
     )
 
 
-# --- the three families ----------------------------------------------------------------------
+# --- the four families -----------------------------------------------------------------------
 
 
 def _build_sd(tok_dir: Path, seed: int):
@@ -396,4 +396,71 @@ def _build_flux(tok_dir: Path, seed: int):
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         transformer=transformer,
+    )
+
+
+def _build_sd3(tok_dir: Path, seed: int):
+    """SD3 / SD3.5 in miniature: CLIP-L and CLIP-G with projections (pooled 32 + 32), a T5 as
+    wide as both CLIPs' hidden states side by side (64, SD3's joint-attention layout), an MMDiT
+    with one dual-attention block and RMS q/k norm like SD3.5, and the SD3 VAE's shift/scale."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer = _clip_tokenizer(tok_dir / "clip")
+    tokenizer_2 = _clip_tokenizer(tok_dir / "clip2")
+    tokenizer_3 = _t5_tokenizer()
+    latent_channels = 4
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=TINY_RESOLUTION // 8,
+        patch_size=2,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,  # T5 width = CLIP-L + CLIP-G hidden widths
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # CLIP-L + CLIP-G projection widths
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    torch.manual_seed(seed + 1)
+    vae = _vae(
+        latent_channels=latent_channels,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,  # SD3's values, so the shift-and-scale code path is exercised
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(_clip_text_config(len(tokenizer), True))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(len(tokenizer_2), True))
+    torch.manual_seed(seed + 4)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=64,
+            d_ff=37,
+            d_kv=16,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # SD3 / SD3.5's scheduler config
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )

@@ -111,8 +111,8 @@ def test_missing_model_is_one_line_error(tmp_path):
 
 
 def test_unsupported_pipeline_class_is_named(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    with pytest.raises(UserError, match="StableDiffusion3Pipeline; diffalign supports StableDiffusionPipeline"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(UserError, match="KandinskyPipeline; diffalign supports StableDiffusionPipeline"):
         load_policy(str(tmp_path))
 
 

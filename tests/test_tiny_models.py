@@ -9,7 +9,8 @@ import torch
 
 from diffalign.pipelines.tiny import TINY_MODELS, build_tiny_pipeline, export_tiny, tiny_model_dir
 
-PIPELINE_CLASSES = {"tiny-sd": "StableDiffusionPipeline", "tiny-sdxl": "StableDiffusionXLPipeline", "tiny-flux": "FluxPipeline"}
+PIPELINE_CLASSES = {"tiny-sd": "StableDiffusionPipeline", "tiny-sdxl": "StableDiffusionXLPipeline", "tiny-flux": "FluxPipeline",
+                    "tiny-sd3": "StableDiffusion3Pipeline"}
 
 
 def _weights(pipe) -> dict[str, torch.Tensor]:
@@ -43,7 +44,7 @@ def test_cached_model_reloads_exactly_and_generates_repeatably(name, tiny_pipe):
     built = _weights(build_tiny_pipeline(name))
     loaded = _weights(pipe)
     assert all(torch.equal(built[k], loaded[k]) for k in built)
-    kwargs = {"max_sequence_length": 32} if name == "tiny-flux" else {}
+    kwargs = {"max_sequence_length": 32} if name in ("tiny-flux", "tiny-sd3") else {}
     images = [
         pipe("a red cat", num_inference_steps=2, height=64, width=64, output_type="pt",
              generator=torch.Generator().manual_seed(0), **kwargs).images
@@ -64,5 +65,5 @@ def test_export_tiny_writes_a_standard_diffusers_directory(tmp_path):
 
 
 def test_unknown_tiny_model_is_rejected():
-    with pytest.raises(ValueError, match="tiny-sd, tiny-sdxl, tiny-flux"):
-        tiny_model_dir("tiny-sd3")
+    with pytest.raises(ValueError, match="tiny-sd, tiny-sdxl, tiny-flux, tiny-sd3"):
+        tiny_model_dir("tiny-sd4")

@@ -49,7 +49,7 @@ from diffalign.training import (
 
 # Sampler noise when ``noise_level`` is null: DDIM eta = 1 (the DDPM step D3PO and DDPO use);
 # Flow-GRPO's a = 0.7 for the flow SDE.
-DEFAULT_NOISE_LEVEL = {"sd": 1.0, "sdxl": 1.0, "flux": 0.7}
+DEFAULT_NOISE_LEVEL = {"sd": 1.0, "sdxl": 1.0, "flux": 0.7, "sd3": 0.7}
 
 
 # --- helpers shared with the GRPO trainer ------------------------------------------------------

@@ -57,7 +57,7 @@ from diffalign.training import (
 )
 
 # Teacher guidance w per family when self_npo.guidance_scale is unset (paper: SD1.5 -1, SDXL -5).
-DEFAULT_NEGATIVE_GUIDANCE = {"sd": -1.0, "sdxl": -5.0, "flux": -1.0}
+DEFAULT_NEGATIVE_GUIDANCE = {"sd": -1.0, "sdxl": -5.0, "flux": -1.0, "sd3": -1.0}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
