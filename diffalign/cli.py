@@ -6,6 +6,7 @@
     diffalign score ...            (see diffalign score --help)
     diffalign sample CONFIG --out DIR   (D3PO human-feedback pairs)
     diffalign report RUN_DIR       (rebuild RUN_DIR/report.html)
+    diffalign serve-reward REWARD[:opts] [--host H --port N]   (then reward: remote:url=http://H:N)
     diffalign methods | rewards | explain METHOD
 
 Multi-GPU: ``accelerate launch -m diffalign.cli train CONFIG``. A mistake in the input prints
@@ -205,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rebuild a run's report.html (plots, sample grids, config, guard)")
     report.add_argument("run_dir", help="the run's output_dir")
     report.set_defaults(func=_cmd_report)
+    serve = commands.add_parser("serve-reward", help="serve a registry reward over HTTP (use it as reward: remote:url=...)")
+    from diffalign.reward_server import add_serve_arguments, run_serve
+
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
 
     commands.add_parser("methods", help="list training methods").set_defaults(func=_cmd_methods)
     explain = commands.add_parser("explain", help="every config key of a method, with type, default and meaning")

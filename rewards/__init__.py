@@ -6,7 +6,8 @@
 
 Registered: clip, aesthetic, pickscore, hpsv2, vlm, ocr, brightness, saturation, target_color,
 jpeg_compressibility, jpeg_incompressibility, composite, shapes_geneval (the shapes world's
-verifiable reward). Model libraries (open_clip, transformers)
+verifiable reward), remote (a `diffalign serve-reward` server), openai_judge (a VLM judge behind
+any OpenAI-compatible chat endpoint). Model libraries (open_clip, transformers)
 are imported only when a reward that needs them is built.
 """
 
@@ -24,7 +25,7 @@ from .registry import (
 )
 
 # Importing the scorer modules registers them; none of them imports a model library at module level.
-from . import aesthetic, clip, composite, hps, ocr, pickscore, rules, shapes_geneval, vlm  # noqa: E402,F401  isort: skip
+from . import aesthetic, clip, composite, hps, ocr, pickscore, remote, rules, shapes_geneval, vlm  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Reward",

@@ -1,0 +1,290 @@
+"""``diffalign serve-reward``: any registry reward behind HTTP, batched across clients.
+
+    diffalign serve-reward pickscore --device cuda:1 --port 8700 --max-batch 32 --max-wait-ms 10
+    # in the training config:  reward: "remote:url=http://127.0.0.1:8700"
+
+Routes (the wire format is in :mod:`diffalign.rewards.remote`):
+
+* ``POST /score``: images + prompts -> ``{"scores": [...]}``, one per image;
+* ``POST /compare``: images, images_b + prompts -> ``{"probabilities": [...]}``, P(images[i] > images_b[i])
+  from the reward's own ``compare`` (a pairwise judge's, or Bradley-Terry on its scores);
+* ``GET /health``: the reward's name and kind plus load: images queued, batches run, mean batch size.
+
+Batching: every request is cut into pieces of at most ``max_batch`` images; one worker takes the
+oldest piece, adds the next pieces of the same kind and image size while the batch has room and
+``max_wait_ms`` has not passed since it took the first, scores them in one call and hands each
+piece its slice. So eight clients sending 4 images each are scored as one batch of 32, and one
+request of 100 images as batches of 32, 32, 32 and 4. Scores do not depend on who shares a batch,
+except for a reward that normalises over its batch (``composite`` with ``standardize: batch``).
+
+A malformed request gets a 400 with the reason (the server keeps serving). Ctrl-C or SIGTERM stops
+accepting connections, lets the requests in flight finish, then exits.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route functions' annotations at runtime.
+
+import asyncio
+import logging
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from diffalign.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `diffalign --help` stays fast
+    import torch
+
+log = logging.getLogger("diffalign.reward_server")
+
+
+@dataclass
+class Piece:
+    """At most ``max_batch`` images of one request, waiting for the worker."""
+
+    kind: str  # "score" | "compare"
+    images: "torch.Tensor"  # [n, 3, H, W]
+    prompts: list[str]
+    images_b: "torch.Tensor | None"
+    future: asyncio.Future = field(repr=False)
+
+    def fits_with(self, other: "Piece") -> bool:
+        return self.kind == other.kind and self.images.shape[1:] == other.images.shape[1:]
+
+
+class Batcher:
+    """One worker that scores queued pieces in batches of up to ``max_batch`` images.
+
+    The reward runs on a single thread (one model, one device); the event loop keeps accepting
+    requests meanwhile.
+    """
+
+    def __init__(self, reward: Any, max_batch: int, max_wait_s: float) -> None:
+        self.reward = reward
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.queue: asyncio.Queue = asyncio.Queue()  # Piece, or None: the stop sentinel
+        self.carry: "Piece | None" = None  # a piece that did not fit the last batch: it starts the next
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        self.queued_images = 0
+        self.served_images = 0
+        self.batches = 0
+        self.task: "asyncio.Task | None" = None
+
+    async def submit(self, kind: str, images: "torch.Tensor", prompts: list[str],
+                     images_b: "torch.Tensor | None") -> list[float]:
+        """Score one request (any size); returns one float per image, in order."""
+        loop = asyncio.get_running_loop()
+        pieces = []
+        for start in range(0, len(prompts), self.max_batch):
+            stop = start + self.max_batch
+            piece = Piece(kind, images[start:stop], prompts[start:stop],
+                          None if images_b is None else images_b[start:stop], loop.create_future())
+            pieces.append(piece)
+            self.queued_images += len(piece.prompts)
+            self.queue.put_nowait(piece)
+        parts = await asyncio.gather(*(piece.future for piece in pieces))
+        return [value for part in parts for value in part]
+
+    async def _next(self, timeout: "float | None") -> "Piece | None":
+        if self.carry is not None:
+            piece, self.carry = self.carry, None
+            return piece
+        if timeout is None:
+            return await self.queue.get()
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    async def run(self) -> None:
+        """The worker loop; ends at the ``None`` sentinel that :meth:`stop` queues after the last piece."""
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._next(None)
+            if first is None:
+                return
+            batch, size = [first], len(first.prompts)
+            deadline = loop.time() + self.max_wait_s
+            while size < self.max_batch:
+                try:
+                    piece = await self._next(max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+                if piece is None:
+                    self.queue.put_nowait(None)  # keep the sentinel for the outer loop
+                    break
+                if not piece.fits_with(first) or size + len(piece.prompts) > self.max_batch:
+                    self.carry = piece
+                    break
+                batch.append(piece)
+                size += len(piece.prompts)
+            await self._score(batch, size)
+
+    async def _score(self, batch: list[Piece], size: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.queued_images -= size
+        try:
+            values = await loop.run_in_executor(self.executor, self._compute, batch)
+        except Exception as error:  # every piece of the batch gets the error; the worker goes on
+            if not isinstance(error, UserError):
+                log.exception("reward %s failed on a batch of %d images", getattr(self.reward, "name", "?"), size)
+            for piece in batch:
+                if not piece.future.done():
+                    piece.future.set_exception(error)
+            return
+        self.batches += 1
+        self.served_images += size
+        offset = 0
+        for piece in batch:
+            n = len(piece.prompts)
+            if not piece.future.done():  # a client that hung up leaves a cancelled future
+                piece.future.set_result(values[offset : offset + n])
+            offset += n
+
+    def _compute(self, batch: list[Piece]) -> list[float]:
+        import torch
+
+        images = torch.cat([p.images for p in batch])
+        prompts = [prompt for p in batch for prompt in p.prompts]
+        with torch.no_grad():
+            if batch[0].kind == "compare":
+                values = self.reward.compare(images, torch.cat([p.images_b for p in batch]), prompts)
+            else:
+                values = self.reward(images, prompts)
+        return values.float().cpu().tolist()
+
+    def stop(self) -> None:
+        self.queue.put_nowait(None)
+
+
+def create_app(reward: Any, *, max_batch: int = 32, max_wait_ms: float = 5.0):
+    """The FastAPI application serving ``reward`` (a built :class:`~diffalign.rewards.Reward`)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, HTTPException, Request
+
+    from diffalign.rewards.base import check_images, check_pair
+    from diffalign.rewards.remote import PayloadError, decode_request
+
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise UserError(f"--max-batch must be a positive integer, got {max_batch!r}")
+    if max_wait_ms < 0:
+        raise UserError(f"--max-wait-ms must be >= 0, got {max_wait_ms!r}")
+    started = time.time()
+    holder: dict[str, Batcher] = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher = Batcher(reward, max_batch, max_wait_ms / 1000.0)
+        batcher.task = asyncio.create_task(batcher.run())
+        holder["batcher"] = batcher
+        yield
+        batcher.stop()  # after the requests in flight: uvicorn runs this once they are answered
+        await batcher.task
+        batcher.executor.shutdown(wait=True)
+
+    app = FastAPI(title="diffalign reward server", lifespan=lifespan)
+
+    async def handle(request: Request, kind: str) -> list[float]:
+        body = await request.body()
+        try:
+            images, prompts, images_b = decode_request(body, request.headers.get("content-type", ""), kind == "compare")
+            if kind == "compare":
+                check_pair(images, images_b, prompts, reward.name)
+            else:
+                check_images(images, prompts, reward.name)
+        except (PayloadError, UserError) as error:
+            raise HTTPException(status_code=400, detail=str(error)) from error
+        try:
+            return await holder["batcher"].submit(kind, images, prompts, images_b)
+        except UserError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from error
+        except Exception as error:
+            raise HTTPException(status_code=500, detail=f"{type(error).__name__}: {error}") from error
+
+    @app.post("/score")
+    async def score(request: Request) -> dict[str, Any]:
+        return {"scores": await handle(request, "score")}
+
+    @app.post("/compare")
+    async def compare(request: Request) -> dict[str, Any]:
+        return {"probabilities": await handle(request, "compare")}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        batcher = holder["batcher"]
+        return {
+            "status": "ok", "reward": reward.name, "differentiable": False,
+            "pairwise": _is_pairwise(reward),
+            "max_batch": max_batch, "max_wait_ms": max_wait_ms, "queued_images": batcher.queued_images,
+            "served_images": batcher.served_images, "batches": batcher.batches,
+            "mean_batch_size": batcher.served_images / batcher.batches if batcher.batches else 0.0,
+            "uptime_s": round(time.time() - started, 3),
+        }
+
+    return app
+
+
+def _is_pairwise(reward: Any) -> bool:
+    """Whether ``reward`` judges pairs itself (overrides compare) rather than by Bradley-Terry on scores."""
+    from diffalign.rewards.base import Reward
+
+    return type(reward).compare is not Reward.compare
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one); a taken port is a one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host") from error
+    sock.listen(128)
+    return sock
+
+
+def serve(reward: Any, host: str = "127.0.0.1", port: int = 8700, *, max_batch: int = 32, max_wait_ms: float = 5.0,
+          graceful_timeout_s: float = 30.0, announce=print) -> None:
+    """Serve ``reward`` until Ctrl-C / SIGTERM (then finish the requests in flight and return)."""
+    import uvicorn
+
+    app = create_app(reward, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    sock = bind_socket(host, port)
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_timeout_s)
+    server = uvicorn.Server(config)
+    announce(f"serving reward '{reward.name}' on http://{host}:{bound} (max batch {max_batch}, max wait "
+             f"{max_wait_ms:g} ms); use it as reward: \"remote:url=http://{host}:{bound}\"; Ctrl-C stops", flush=True)
+    server.run(sockets=[sock])
+    announce("reward server stopped", flush=True)
+
+
+def add_serve_arguments(parser) -> None:
+    """The ``diffalign serve-reward`` options."""
+    parser.add_argument("reward", help="registry reward spec, e.g. pickscore or 'clip:model=ViT-B-32'")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8700, help="port (0: a free one, printed at start)")
+    parser.add_argument("--max-batch", type=int, default=32, help="most images per reward call (default 32)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="how long a batch waits for more requests before it runs (default 5 ms)")
+    parser.add_argument("--device", default=None, help="torch device for the reward (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, help="reward dtype for rewards with weights (e.g. bf16)")
+
+
+def run_serve(args) -> int:
+    """``diffalign serve-reward``: build the reward, then serve it."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise UserError("serve-reward needs the server extra: pip install 'diffalign[serve]'") from error
+    import torch
+
+    from diffalign.training import load_frozen_reward
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    reward = load_frozen_reward(args.reward, device, args.dtype)
+    serve(reward, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    return 0
