@@ -355,6 +355,7 @@ def test_config_errors(tmp_path, monkeypatch, settings, message):
     ("tiny-sd", 1e-2, {}),
     ("tiny-sdxl", 1e-2, {"loss_clip": 1e6}),
     ("tiny-flux", 5e-2, {}),
+    ("tiny-sd3", 5e-2, {}),
 ])
 def test_adjoint_matching_trainer_raises_brightness(tmp_path, model, lr, settings):
     """Four optimizer steps (lambda = 1e5, all 4 steps of each trajectory in the loss) raise the

@@ -24,7 +24,7 @@ from diffalign.config import load_config
 from diffalign.errors import UserError
 from diffalign.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
 
-FAMILIES = ["tiny-sd", "tiny-sdxl", "tiny-flux"]
+FAMILIES = ["tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3"]
 
 
 # --- the loss ----------------------------------------------------------------------------------

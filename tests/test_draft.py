@@ -285,6 +285,7 @@ def _eval_rewards(run_dir) -> tuple[float, float]:
         ("tiny-sdxl", {"lv_samples": 2}, 1e-2),                                        # DRaFT-LV
         ("tiny-flux", {"k": "all", "random_truncation": True,                          # AlignProp-style K, composite
                        "reward": {"composite": {"brightness": 1.0, "target_color:color=[1,1,1]": 0.5}}}, 5e-2),
+        ("tiny-sd3", {"k": 2}, 5e-2),                                                  # DRaFT-K, last 2 steps
     ],
 )
 def test_draft_trainer_raises_brightness(tmp_path, model, draft, lr):

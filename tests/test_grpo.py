@@ -190,6 +190,8 @@ RAISE_SETTINGS = [
     ("grpo", "tiny-sdxl", 2, 8, 2, 8, 2e-2),
     ("grpo", "tiny-flux", 4, 8, 2, 8, 3e-2),
     ("pref_grpo", "tiny-flux", 4, 8, 2, 8, 3e-2),
+    ("grpo", "tiny-sd3", 4, 8, 2, 8, 3e-2),
+    ("pref_grpo", "tiny-sd3", 4, 8, 2, 8, 3e-2),
 ]
 
 

@@ -42,7 +42,7 @@ def _config(model: str = "tiny-sd", **sections) -> SelfNPOConfig:
 
 
 def _policy(model: str = "tiny-sd", with_lora: bool = True):
-    options = {"max_sequence_length": 32} if model == "tiny-flux" else {}
+    options = {"max_sequence_length": 32} if model in ("tiny-flux", "tiny-sd3") else {}
     policy = load_policy(model, resolution=SIZE, **options)
     params = lora.add_lora(policy.denoiser, policy.family, LoraSettings(rank=4, alpha=4)) if with_lora else []
     return policy, params
@@ -232,7 +232,7 @@ def test_image_captions_from_a_folder_and_a_manifest(tmp_path):
 # --- training ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl", "tiny-flux"])
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3"])
 def test_a_few_steps_move_the_negative_model_toward_the_teacher(model):
     """Six Self-NPO steps on one fixed batch (same noised samples, timesteps and noise each step;
     the teacher's EMA weights fixed at the start) change the LoRA and bring the student's x0
