@@ -25,7 +25,7 @@ from .registry import (
 )
 
 # Importing the scorer modules registers them; none of them imports a model library at module level.
-from . import aesthetic, clip, composite, hps, ocr, pickscore, remote, rules, shapes_geneval, vlm  # noqa: E402,F401  isort: skip
+from . import aesthetic, clip, composite, hps, ocr, openai_judge, pickscore, remote, rules, shapes_geneval, vlm  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Reward",

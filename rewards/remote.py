@@ -232,8 +232,10 @@ class RemoteReward(Reward):
 
 def request_with_retries(method: str, url: str, *, retries: int, backoff: float, timeout: float,
                          what: str = "reward 'remote'", hint: str = "is `diffalign serve-reward` running there?",
-                         **kwargs: Any) -> dict[str, Any]:
+                         client: Any = None, **kwargs: Any) -> dict[str, Any]:
     """One HTTP request answered with JSON, retried on connection errors, timeouts and 5xx.
+
+    ``client``: an ``httpx.Client`` to reuse its connections (thread-safe); default: a one-off request.
 
     Raises:
         UserError: a 4xx answer (with the server's message), a non-JSON answer, or no answer after
@@ -246,7 +248,7 @@ def request_with_retries(method: str, url: str, *, retries: int, backoff: float,
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
         try:
-            response = httpx.request(method, url, timeout=timeout, **kwargs)
+            response = (client or httpx).request(method, url, timeout=timeout, **kwargs)
         except httpx.TransportError as error:  # refused, reset, timed out
             last = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
             continue
