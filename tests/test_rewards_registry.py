@@ -20,7 +20,8 @@ from diffalign.rewards import (
 from diffalign.rewards.registry import _REGISTRY, format_reward_spec
 
 BUILTIN = ["aesthetic", "brightness", "clip", "composite", "hpsv2", "jpeg_compressibility",
-           "jpeg_incompressibility", "ocr", "pickscore", "saturation", "shapes_geneval", "target_color", "vlm"]
+           "jpeg_incompressibility", "ocr", "openai_judge", "pickscore", "remote", "saturation", "shapes_geneval",
+           "target_color", "vlm"]
 
 
 def test_every_builtin_reward_is_registered_without_importing_model_libraries():
