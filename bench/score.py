@@ -4,6 +4,13 @@
     python bench/score.py --reward hpsv2 --full --device cuda    # published architecture, random weights
     python bench/score.py --reward "pickscore:model=/models/PickScore_v1" --device cuda
 
+``--remote`` also starts ``diffalign serve-reward`` with the same reward in a second process and
+measures the ``remote`` client against it: ``remote / in-process`` is the share of in-process
+throughput left after HTTP, the wire format and the server's batching (goal: >= 0.8 at batch 32)::
+
+    python bench/score.py --reward brightness --remote --batch-size 32 --resolution 256
+    python bench/score.py --reward clip --remote --batch-size 32 --resolution 256
+
 ``--full`` builds the published architecture (ViT-L/14, ViT-H/14, PickScore's CLIP-H) with random
 weights, so the timings are those of the real model without downloading it. The raw forward is the
 model alone on inputs prepared in advance (preprocessed pixels, token ids); ``batched / raw`` is the
@@ -158,6 +165,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=512, help="input images are resolution x resolution")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--remote", action="store_true", help="also measure the reward through diffalign serve-reward")
+    parser.add_argument("--encoding", default="uint8", help="remote wire encoding: uint8 | float32 | png")
     args = parser.parse_args()
 
     name, options = parse_reward_spec(args.reward)
@@ -190,6 +199,36 @@ def main() -> None:
     print(f"  per-image loop   {looped:10.1f} images/s")
     print(f"  raw forward      {raw:10.1f} images/s")
     print(f"  batched / raw    {batched / raw:10.3f}  (goal >= 0.9)")
+    if args.remote:
+        remote = remote_throughput(args, name, options, images, prompts)
+        print(f"  remote ({args.encoding})  {remote:10.1f} images/s  (diffalign serve-reward in a second process)")
+        print(f"  remote / in-process {remote / batched:7.3f}  (goal >= 0.8)")
+
+
+def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prompts: list[str]) -> float:
+    """Images per second of the ``remote`` reward against a ``diffalign serve-reward`` subprocess
+    serving the same reward spec (max batch = --batch-size)."""
+    import re
+    import subprocess
+
+    from diffalign.rewards.registry import format_reward_spec
+
+    if args.full:
+        raise SystemExit("--remote serves a registry spec; it cannot be combined with --full")
+    command = [sys.executable, "-m", "diffalign.cli", "serve-reward", format_reward_spec(name, options), "--port", "0",
+               "--max-batch", str(args.batch_size), "--device", args.device]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = server.stdout.readline()
+        match = re.search(r"on (http://[\w.]+:\d+)", banner)
+        if not match:
+            raise SystemExit(f"the reward server did not start: {banner}{server.stdout.read()}")
+        client = load_reward(f"remote:url={match.group(1)},encoding={args.encoding},request_size={args.batch_size}")
+        with torch.no_grad():
+            return throughput(lambda: client(images, prompts), len(prompts), torch.device("cpu"), args.repeats)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 if __name__ == "__main__":
