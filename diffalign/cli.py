@@ -3,6 +3,7 @@
     diffalign train CONFIG [key=value ...] [--dry-run] [--overwrite]
     diffalign generate --model M [--lora DIR] [--npo DIR] (--prompt TEXT --out FILE | --prompts FILE --out DIR)
     diffalign export-tiny {sd,sdxl,flux,sd3} OUT_DIR
+    diffalign export-lora RUN/final --format kohya --out model.safetensors   [--merge]
     diffalign score ...            (see diffalign score --help)
     diffalign sample CONFIG --out DIR   (D3PO human-feedback pairs)
     diffalign report RUN_DIR       (rebuild RUN_DIR/report.html)
@@ -187,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("family", choices=["sd", "sdxl", "flux", "sd3", "tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3"])
     export.add_argument("out_dir")
     export.set_defaults(func=_cmd_export_tiny)
+
+    from diffalign.export import add_export_arguments, run_export
+
+    export_lora = commands.add_parser("export-lora", help="a trained LoRA as a kohya file (ComfyUI, A1111/Forge), or --merge into the model")
+    add_export_arguments(export_lora)
+    export_lora.set_defaults(func=run_export)
 
     score = commands.add_parser("score", help="score images (or image pairs) with registry rewards")
     from diffalign.scoring import add_score_arguments, run_score

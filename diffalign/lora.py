@@ -224,7 +224,6 @@ def save_lora(
     the ``diffalign`` header key; see :func:`read_lora_metadata`. Written into a temporary folder
     and renamed into place, replacing an existing ``out_dir``.
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     pipeline_cls = pipeline_or_class if isinstance(pipeline_or_class, type) else type(pipeline_or_class)
@@ -236,9 +235,11 @@ def save_lora(
         raise ValueError(f"alpha {expected_alpha} does not match the adapter's lora_alpha {config.lora_alpha}")
     component = DENOISER_COMPONENT[family]
 
+    # peft's names (lora_A / lora_B) for every layer: diffusers' convert_state_dict_to_diffusers
+    # renames only some projections (to_q.lora.down, ...), and a stock load of such a mixed file
+    # reads it as peft format when its first key is, dropping the renamed layers (seen on FLUX
+    # with targets on the double blocks only).
     layers = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
-    if family != "sd3":  # SD3's loader reads peft names as they are (train_dreambooth_lora_sd3.py saves them so)
-        layers = convert_state_dict_to_diffusers(layers)
     layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
     ours = {
         "diffalign_version": _diffalign_version(),
