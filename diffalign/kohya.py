@@ -11,6 +11,7 @@ Layer names per family, the ones kohya sd-scripts writes:
 
 * SD1.x/2.x: the diffusers UNet's module names (``lora_unet_down_blocks_1_attentions_0_...``).
 * SDXL: the original (sgm) UNet's names (``lora_unet_input_blocks_4_1_transformer_blocks_0_...``).
+* SD3/3.5: the MMDiT's names (``lora_unet_joint_blocks_0_x_block_attn_qkv``), q, k, v fused as in FLUX.
 * FLUX.1: the BFL transformer's names (``lora_unet_double_blocks_0_img_attn_qkv``). BFL fuses
   q, k and v into one ``qkv`` layer (single blocks: q, k, v and the MLP input into ``linear1``),
   so the parts' LoRAs become one LoRA of the fused layer: ``down`` stacks each part's ``A``,
@@ -61,6 +62,17 @@ _FLUX_SINGLE = {
     "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
     "proj_mlp": ("linear1", 3), "proj_out": ("linear2", 0), "norm.linear": ("modulation_lin", 0),
 }  # fmt: skip
+# SD3 / SD3.5: diffusers name inside transformer_blocks.N -> (MMDiT layer in joint_blocks.N, part).
+_SD3_BLOCK = {
+    "attn.to_q": ("x_block_attn_qkv", 0), "attn.to_k": ("x_block_attn_qkv", 1), "attn.to_v": ("x_block_attn_qkv", 2),
+    "attn.to_out.0": ("x_block_attn_proj", 0),
+    "attn.add_q_proj": ("context_block_attn_qkv", 0), "attn.add_k_proj": ("context_block_attn_qkv", 1),
+    "attn.add_v_proj": ("context_block_attn_qkv", 2), "attn.to_add_out": ("context_block_attn_proj", 0),
+    "attn2.to_q": ("x_block_attn2_qkv", 0), "attn2.to_k": ("x_block_attn2_qkv", 1), "attn2.to_v": ("x_block_attn2_qkv", 2),
+    "attn2.to_out.0": ("x_block_attn2_proj", 0),
+    "ff.net.0.proj": ("x_block_mlp_fc1", 0), "ff.net.2": ("x_block_mlp_fc2", 0),
+    "ff_context.net.0.proj": ("context_block_mlp_fc1", 0), "ff_context.net.2": ("context_block_mlp_fc2", 0),
+}  # fmt: skip
 _FLUX_GLOBAL = {
     "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer_linear",
     "time_text_embed.timestep_embedder.linear_1": "time_in_in_layer",
@@ -102,6 +114,12 @@ def kohya_layer(name: str, family: str, layers_per_block: int = 2) -> tuple[str,
             layer, part = table[match[3]]
             return f"{KOHYA_PREFIX}{kind}_{match[2]}_{layer}", part
         return (f"{KOHYA_PREFIX}{_FLUX_GLOBAL[name]}", 0) if name in _FLUX_GLOBAL else None
+    elif family == "sd3":
+        match = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", name)
+        if match is None or match[2] not in _SD3_BLOCK:
+            return None
+        layer, part = _SD3_BLOCK[match[2]]
+        return f"{KOHYA_PREFIX}joint_blocks_{match[1]}_{layer}", part
     else:
         raise ValueError(f"kohya export has no layer names for family {family!r}")
     return (KOHYA_PREFIX + original.replace(".", "_"), 0) if original is not None else None

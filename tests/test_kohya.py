@@ -17,7 +17,7 @@ from diffalign.errors import UserError
 from diffalign.export import export_kohya, export_merged
 from diffalign.lora import DEFAULT_TARGET_MODULES, add_lora, lora_parameters, save_lora
 
-TINY = {"sd": "tiny-sd", "sdxl": "tiny-sdxl", "flux": "tiny-flux"}
+TINY = {"sd": "tiny-sd", "sdxl": "tiny-sdxl", "flux": "tiny-flux", "sd3": "tiny-sd3"}
 # diffusers' kohya FLUX converter hard-codes FLUX.1's widths (3072 / 12288) for the single
 # blocks' fused linear1, so a stock load of the tiny FLUX gets a LoRA on its double block only;
 # the single blocks are checked against the layer maths in test_flux_fused_layers_carry_each_part.
@@ -27,7 +27,7 @@ FLUX_DOUBLE_BLOCK = [f"transformer_blocks.0.{name}" for name in kohya._FLUX_DOUB
 
 def generate(pipe, family: str) -> torch.Tensor:
     """4 steps at 64 px, seed 0 -> [1, 3, 64, 64] in [0, 1]."""
-    kwargs = {"max_sequence_length": 32} if family == "flux" else {}
+    kwargs = {"max_sequence_length": 32} if family in ("flux", "sd3") else {}
     with torch.no_grad():
         return pipe("a red cube on a table", num_inference_steps=4, height=64, width=64,
                     generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).images
@@ -36,7 +36,7 @@ def generate(pipe, family: str) -> torch.Tensor:
 def trained_run(tiny_pipe, tmp_path, family: str, targets=None, negative: bool = False):
     """A run folder (config.yaml naming the model, final/ LoRA with rank 4, alpha 8) and its pipeline."""
     pipe = tiny_pipe(TINY[family])
-    denoiser = pipe.unet if family != "flux" else pipe.transformer
+    denoiser = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
     add_lora(denoiser, family, LoraSettings(rank=4, alpha=8, target_modules=targets))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -82,6 +82,30 @@ def test_stock_pipeline_loads_kohya_export_like_the_diffusers_lora(family, tiny_
     with_kohya = tiny_pipe(TINY[family])
     with_kohya.load_lora_weights(str(out))  # diffusers converts the kohya names itself
     assert (generate(with_kohya, family) - expected).abs().max() <= 2 / 255
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flux", "sd3"])
+def test_kohya_file_applied_as_comfyui_does_draws_the_lora_image(family, tiny_pipe, tmp_path):
+    """ComfyUI patches each named weight with up @ down * alpha / rank (rows of a fused layer go to
+    its parts); done here on a fresh pipeline with the default targets (FLUX's single blocks and
+    SD3 included), the image matches the diffusers-format LoRA's. (diffusers' SD3 loader reads no
+    kohya files, and its FLUX converter assumes full-size widths, so this is the check for those.)"""
+    run, pipe, _ = trained_run(tiny_pipe, tmp_path, family)
+    expected = generate(pipe, family)
+    state = safetensors.torch.load_file(str(export_kohya(run / "final", tmp_path / "k.safetensors")))
+    fresh = tiny_pipe(TINY[family])
+    denoiser = fresh.unet if family in ("sd", "sdxl") else fresh.transformer
+    modules = dict(denoiser.named_modules())
+    layout = kohya.kohya_layout(denoiser, family)
+    assert (generate(fresh, family) - expected).abs().max() > 4 / 255
+    with torch.no_grad():
+        for key in [k for k in state if k.endswith(".lora_down.weight")]:
+            layer = key[: -len(".lora_down.weight")]
+            down, up = state[key].flatten(1), state[layer + ".lora_up.weight"].flatten(1)
+            delta = up @ down * state[layer + ".alpha"] / down.shape[0]
+            for rows, (name, _) in zip(delta.split([w for _, w in layout[layer]]), layout[layer]):
+                modules[name].weight += rows.reshape(modules[name].weight.shape)
+    assert (generate(fresh, family) - expected).abs().max() <= 2 / 255
 
 
 def test_flux_fused_layers_carry_each_part(tiny_pipe, tmp_path):
