@@ -8,6 +8,7 @@ exactly the code path of real weights:
     save_tiny_aesthetic_head(path) the aesthetic MLP state dict (.pth, layers.{0,2,4,6,7})
     save_tiny_pickscore(dir)       HF CLIPModel + CLIPProcessor directory (save_pretrained)
     save_tiny_vlm(dir)             HF Qwen2.5-VL directory + its processor (save_pretrained)
+    save_tiny_imagereward(dir)     ImageReward.pt (BLIP's key layout, plain state dict) + a BERT tokenizer
 
 Tokenizers are built locally: the real 49,408-token CLIP BPE from the vocabulary file open_clip ships
 (token ids identical to open_clip's), and a byte-level BPE with Qwen's special tokens for the VLM.
@@ -34,7 +35,7 @@ TINY_SEED = 0
 TINY_VERSION = 1
 TINY_IMAGE_SIZE = 32  # the towers' input resolution; any image size works, it is resized
 TINY_EMBED_DIM = 768  # = ViT-L/14's, so the aesthetic head is the published 768-wide MLP
-TINY_REWARDS = ("clip", "aesthetic", "hpsv2", "pickscore", "vlm")
+TINY_REWARDS = ("clip", "aesthetic", "hpsv2", "pickscore", "vlm", "imagereward")
 
 _TINY_OPEN_CLIP_CFG = {
     "embed_dim": TINY_EMBED_DIM,
@@ -143,6 +144,46 @@ def save_tiny_vlm(directory: str | os.PathLike, seed: int = TINY_SEED) -> Path:
     return out
 
 
+def save_tiny_imagereward(directory: str | os.PathLike, seed: int = TINY_SEED) -> Path:
+    """Write ``ImageReward.pt`` in the published layout (BLIP ViT + BERT with cross-attention + MLP head,
+    heads of width 64 as in the real one, 2 layers each, 32 px) and a WordPiece BERT tokenizer beside it."""
+    from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    from .imagereward import imagereward_mlp, transformers_key_to_blip
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for prompt in _TINY_PROMPT_WORDS for w in prompt.split()})
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + list("abcdefghijklmnopqrstuvwxyz0123456789.,")
+    pieces += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    tokenizer = BertTokenizer(vocab={piece: index for index, piece in enumerate(pieces)}, do_lower_case=True,
+                              model_max_length=512)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})  # as ImageReward
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(seed)
+    vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=1, image_size=TINY_IMAGE_SIZE, patch_size=16,
+                                              layer_norm_eps=1e-6))
+    text = BlipTextModel(BlipTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=1, encoder_hidden_size=64,
+                                        pad_token_id=0, bos_token_id=None, sep_token_id=None), add_pooling_layer=False)
+    mlp = imagereward_mlp(64)
+    for module in [*vision.modules(), *text.modules(), *mlp.modules()]:
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):  # unit gain, so the image moves the score
+            torch.nn.init.normal_(module.weight, std=1.0 / module.weight[0].numel() ** 0.5)
+    state = {f"vision.{k}": v for k, v in vision.state_dict().items()}
+    state |= {f"text.{k}": v for k, v in text.state_dict().items() if not k.endswith("position_ids")}
+    state |= {f"mlp.{k}": v for k, v in mlp.state_dict().items()}
+    published = {transformers_key_to_blip(k): v.contiguous() for k, v in state.items()}
+    published["blip.vision_proj.weight"] = torch.zeros(16, 64)  # in the real file, unused for scoring
+    torch.save(published, out / "ImageReward.pt")
+    return out
+
+
+_TINY_PROMPT_WORDS = ("a red apple on a table", "a cat", "two dogs running on a beach at sunset", "an astronaut",
+                      "a photo of a blue car", "hello world")
+
+
 def clip_bpe_tokenizer(model_max_length: int = 77):
     """The real CLIP BPE (49,408 tokens) as a transformers CLIPTokenizer, from open_clip's bundled vocab."""
     from open_clip.tokenizer import SimpleTokenizer
@@ -187,6 +228,9 @@ def tiny_reward_options(name: str, cache_dir: str | os.PathLike | None = None) -
         return {"model": str(folder), "checkpoint": str(folder / "HPS_v2.1_compressed.pt")}
     if name == "pickscore":
         return {"model": str(_cached(root, "pickscore", save_tiny_pickscore))}
+    if name == "imagereward":
+        folder = _cached(root, "imagereward", save_tiny_imagereward)
+        return {"checkpoint": str(folder / "ImageReward.pt"), "tokenizer": str(folder)}
     return {"model": str(_cached(root, "vlm", save_tiny_vlm))}
 
 

@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WEIGHTED = ("clip", "aesthetic", "hpsv2", "pickscore")  # pointwise, differentiable, with weights
+WEIGHTED = ("clip", "aesthetic", "hpsv2", "pickscore", "imagereward")  # pointwise, differentiable, with weights
 PROMPTS = ["a red apple on a table", "a cat", "two dogs running on a beach at sunset", "an astronaut"]
 
 
