@@ -4,13 +4,15 @@ bitwise where it stopped. :class:`diffalign.run.Run` decides when; this module k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,18 @@ import torch
 from accelerate import Accelerator
 
 from diffalign.errors import UserError
+from diffalign.files import is_disk_full, tensors_bytes, torch_bytes, write_file
 
-__all__ = ["TrainingState", "save_checkpoint", "load_checkpoint", "find_checkpoint", "list_checkpoints"]
+__all__ = [
+    "TrainingState",
+    "save_checkpoint",
+    "load_checkpoint",
+    "find_checkpoint",
+    "list_checkpoints",
+    "read_saved_config",
+    "set_aside_later_checkpoints",
+    "nonfinite_state",
+]
 
 
 # --- checkpoints: checkpoints/step-N/ ----------------------------------------------------------
@@ -174,29 +186,79 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+# Serialised in memory and written by diffalign.files.write_file (fsync'd, the user's umask, a
+# full disk as errno.ENOSPC naming the file) rather than by torch/safetensors' own writers.
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    _fsync(path)
+    write_file(path, tensors_bytes(tensors))
 
 
 def _save_torch(path: Path, obj: Any) -> None:
-    torch.save(obj, path)
-    _fsync(path)
+    write_file(path, torch_bytes(obj))
 
 
 def _save_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2))
-    _fsync(path)
+    write_file(path, json.dumps(obj, indent=2))
+
+
+def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors_in(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors_in(value)
+
+
+def nonfinite_state(state: TrainingState) -> str | None:
+    """What holds a NaN/inf value ("the weights", "the optimizer state"), or None if all is finite.
+
+    A checkpoint of such a state could never be trained on from; :func:`save_checkpoint` refuses it."""
+    def finite(tensors) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point() or t.is_complex())
+
+    if not finite(state.params_state().values()):
+        return "the weights"
+    if state.optimizer is not None and not finite(_tensors_in(state.optimizer.state_dict()["state"])):
+        return "the optimizer state"
+    if not finite(state.extra_tensors.values()):
+        return "the running statistics (extra_tensors)"
+    return None
+
+
+def previous_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint before ``folder`` in its ``checkpoints/`` folder (None if it is the first)."""
+    found = list_checkpoints(folder.parent)
+    earlier = [p for p in found if _step_of(p) < _step_of(folder)] if STEP_DIR.match(folder.name) else found[:-1]
+    return earlier[-1] if earlier else None
+
+
+def _step_of(folder: Path) -> int:
+    match = STEP_DIR.match(folder.name)
+    return int(match.group(1)) if match else -1
+
+
+def _intact(folder: Path | None) -> str:
+    return f"the previous checkpoint {folder} is intact" if folder is not None else "no earlier checkpoint exists"
 
 
 def save_checkpoint(
-    root: Path, step: int, state: TrainingState, accelerator: Accelerator, total_limit: int | None = None
+    root: Path,
+    step: int,
+    state: TrainingState,
+    accelerator: Accelerator,
+    total_limit: int | None = None,
+    config: dict | None = None,
 ) -> Path:
     """Write ``root/step-{step}``: into ``root/.tmp-step-N-<uuid>``, fsync, rename (main process).
 
-    A crash mid-save leaves earlier checkpoints intact and no ``step-N``. Collective: every
-    process calls it; their RNG states are gathered into ``rng.pt``, their ``process_tensors``
-    into ``process-<rank>.safetensors``.
+    A crash mid-save leaves earlier checkpoints intact and no ``step-N``; a full disk is a
+    UserError naming the file and the previous checkpoint. ``config`` (the resolved run config)
+    goes into ``state.json``, so a resume can tell what changed. Collective: every process calls
+    it; their RNG states are gathered into ``rng.pt``, their ``process_tensors`` into
+    ``process-<rank>.safetensors``. Callers check :func:`nonfinite_state` first (on every
+    process, so that all of them stop together).
     """
     rng = _gather(_rng_state(state.generators), accelerator)
     own = {k: v.detach().to("cpu", copy=True) for k, v in state.process_tensors.items()}
@@ -209,21 +271,17 @@ def save_checkpoint(
         tmp = root / f".tmp-step-{step}-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            _save_tensors(tmp / "lora.safetensors", state.params_state())
-            if state.optimizer is not None:
-                _save_torch(tmp / "optimizer.pt", state.optimizer.state_dict())
-            if state.lr_scheduler is not None:
-                _save_torch(tmp / "scheduler.pt", state.lr_scheduler.state_dict())
-            _save_torch(tmp / "rng.pt", {"per_process": rng})
-            _save_tensors(tmp / "extra.safetensors", state.extra_tensors)
-            if any(per_process):
-                for rank, tensors in enumerate(per_process):
-                    _save_tensors(tmp / f"process-{rank}.safetensors", tensors)
-            info = {"step": step, "num_processes": accelerator.num_processes, "data_state": state.data_state}
-            if state.grad_scaler is not None:
-                info["grad_scaler"] = state.grad_scaler.state_dict()
-            _save_json(tmp / "state.json", info)
-            _fsync(tmp)
+            try:
+                _write_checkpoint_files(tmp, step, state, accelerator, rng, per_process, config)
+            except OSError as err:
+                if not is_disk_full(err):
+                    raise
+                where = final / Path(err.filename).name if err.filename else final
+                done = list_checkpoints(root)
+                raise UserError(
+                    f"disk full while writing {where}; {_intact(done[-1] if done else None)} "
+                    "(free some space, then continue with resume=latest)"
+                ) from None
             old = root / f".tmp-step-{step}-old-{uuid.uuid4().hex}" if final.exists() else None
             if old is not None:
                 os.rename(final, old)
@@ -240,14 +298,104 @@ def save_checkpoint(
     return final
 
 
+def _write_checkpoint_files(
+    tmp: Path, step: int, state: TrainingState, accelerator: Accelerator, rng: list, per_process: list, config: dict | None
+) -> None:
+    _save_tensors(tmp / "lora.safetensors", state.params_state())
+    if state.optimizer is not None:
+        _save_torch(tmp / "optimizer.pt", state.optimizer.state_dict())
+    if state.lr_scheduler is not None:
+        _save_torch(tmp / "scheduler.pt", state.lr_scheduler.state_dict())
+    _save_torch(tmp / "rng.pt", {"per_process": rng})
+    _save_tensors(tmp / "extra.safetensors", state.extra_tensors)
+    if any(per_process):
+        for rank, tensors in enumerate(per_process):
+            _save_tensors(tmp / f"process-{rank}.safetensors", tensors)
+    info = {"step": step, "num_processes": accelerator.num_processes, "data_state": state.data_state}
+    if state.grad_scaler is not None:
+        info["grad_scaler"] = state.grad_scaler.state_dict()
+    if config is not None:
+        info["config"] = config
+    _save_json(tmp / "state.json", info)
+    _fsync(tmp)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A damaged or missing checkpoint file -> one UserError naming it and the checkpoint before."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:  # truncated zip/safetensors, bad JSON, missing file: all say the same
+        folder = path.parent
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        earlier = previous_checkpoint(folder)
+        fix = (f"resume from the previous checkpoint instead: resume={earlier}" if earlier is not None
+               else "no earlier checkpoint exists; start without resume")
+        raise UserError(f"checkpoint file {path} is damaged or unreadable ({reason[:120]}); {fix}") from None
+
+
 def _load_torch(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with _reading(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with _reading(path):
+        return safetensors.torch.load_file(str(path))
+
+
+def _load_json(path: Path) -> dict:
+    with _reading(path):
+        info = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or not {"step", "num_processes", "data_state"} <= set(info):
+            raise ValueError("expected an object with step, num_processes and data_state")
+        return info
+
+
+def read_saved_config(folder: Path) -> dict | None:
+    """The resolved config the run that wrote checkpoint ``folder`` ran with: from its
+    ``state.json``, else (older checkpoints) from ``config.yaml`` of its run folder; None if neither."""
+    info = _load_json(folder / "state.json")
+    if isinstance(info.get("config"), dict):
+        return info["config"]
+    run_config = folder.parent.parent / "config.yaml"
+    if run_config.is_file():
+        import yaml
+
+        with _reading(run_config):
+            data = yaml.safe_load(run_config.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else None
+    return None
+
+
+def set_aside_later_checkpoints(root: Path, step: int, final: Path | None = None) -> Path | None:
+    """Move the checkpoints of ``root`` after ``step`` (and ``final``, the LoRA they led to) into
+    ``root/abandoned-<time>/``: a run resumed from an older checkpoint starts a new line, and
+    ``resume=latest`` must follow it. Returns that folder (None when nothing was later). Main
+    process only."""
+    later = [p for p in list_checkpoints(root) if _step_of(p) > step]
+    if not later:
+        return None
+    aside = root / time.strftime("abandoned-%Y%m%d-%H%M%S")
+    while aside.exists():
+        aside = aside.with_name(aside.name + "-1")
+    aside.mkdir()
+    for folder in later:
+        os.rename(folder, aside / folder.name)
+    if final is not None and final.exists():
+        os.rename(final, aside / final.name)
+    _fsync(root)
+    return aside
 
 
 def load_checkpoint(folder: Path, state: TrainingState, accelerator: Accelerator) -> tuple[int, int]:
-    """Restore ``folder`` into ``state`` (every process reads); returns (step, processes that saved it)."""
-    info = json.loads((folder / "state.json").read_text())
-    state.load_params_state(safetensors.torch.load_file(str(folder / "lora.safetensors")), folder)
+    """Restore ``folder`` into ``state`` (every process reads); returns (step, processes that saved it).
+
+    A damaged or missing file is a UserError that names it and the checkpoint before it."""
+    info = _load_json(folder / "state.json")
+    state.load_params_state(_load_tensors(folder / "lora.safetensors"), folder)
     if state.optimizer is not None:
         state.optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))
     if state.lr_scheduler is not None:
@@ -256,7 +404,7 @@ def load_checkpoint(folder: Path, state: TrainingState, accelerator: Accelerator
     state.data_state.update(info["data_state"])
     if state.grad_scaler is not None and "grad_scaler" in info:
         state.grad_scaler.load_state_dict(info["grad_scaler"])
-    extra = safetensors.torch.load_file(str(folder / "extra.safetensors"))
+    extra = _load_tensors(folder / "extra.safetensors")
     missing = sorted(set(state.extra_tensors) - set(extra))
     if missing:
         raise UserError(f"checkpoint {folder} lacks {', '.join(missing)}; it was written by another method")
@@ -273,5 +421,5 @@ def load_checkpoint(folder: Path, state: TrainingState, accelerator: Accelerator
     own = folder / f"process-{accelerator.process_index}.safetensors"
     state.process_tensors.clear()
     if same_processes and own.is_file():
-        state.process_tensors.update(safetensors.torch.load_file(str(own)))
+        state.process_tensors.update(_load_tensors(own))
     return info["step"], info["num_processes"]

@@ -10,8 +10,12 @@
     diffalign serve-reward REWARD[:opts] [--host H --port N]   (then reward: remote:url=http://H:N)
     diffalign methods | rewards | explain METHOD
 
-Multi-GPU: ``accelerate launch -m diffalign.cli train CONFIG``. A mistake in the input prints
-one ``error:`` line and exits with status 2.
+Multi-GPU: ``accelerate launch -m diffalign.cli train CONFIG``.
+
+Exit status: 0 done; 2 a mistake in the input (one ``error:`` line, always the last line printed);
+75 (EX_TEMPFAIL) a run stopped by SIGINT/SIGTERM after checkpointing its step, so a scheduler can
+requeue it with ``resume=latest``; 130 interrupted at once (a second Ctrl-C, or one during
+start-up, before training began).
 """
 
 from __future__ import annotations
@@ -59,9 +63,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("--true-cfg-scale is for FLUX pipelines; SD/SDXL use --guidance-scale")
     pipe.to(args.device)
     if args.lora:
-        if not os.path.isdir(args.lora):
-            raise UserError(f"--lora {args.lora}: not a folder; pass the run's final/ (or a checkpoint's) LoRA folder")
-        pipe.load_lora_weights(args.lora)
+        _load_lora_for_generate(pipe, args.lora)
     if args.npo:
         from diffalign.pipelines.npo import apply_npo_to_pipeline
 
@@ -107,6 +109,84 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"wrote {len(names)} images for {len(prompts)} prompts to {out}/ "
           f"(score them: diffalign score {out} --prompts {out / 'prompts.txt'} --reward NAME)")
     return 0
+
+
+def _load_lora_for_generate(pipe, path: str) -> None:
+    """``--lora``: a LoRA folder (``final/``) or file, or a training checkpoint ``checkpoints/step-N``
+    (its weights, with the LoRA settings of the run's config). Another family's LoRA is an error."""
+    from diffalign.lora import LORA_WEIGHT_NAME, family_of_pipeline, read_lora_metadata
+
+    where = Path(path)
+    if not where.exists():
+        raise UserError(f"--lora {path}: no such file or folder; pass the run's final/ folder")
+    family = family_of_pipeline(pipe)
+    if where.is_dir() and not (where / LORA_WEIGHT_NAME).is_file():
+        if (where / "lora.safetensors").is_file() and (where / "state.json").is_file():
+            _load_checkpoint_lora(pipe, where, family)
+            return
+        raise UserError(
+            f"--lora {path}: no {LORA_WEIGHT_NAME} in this folder; pass a run's final/ folder or one of its "
+            "checkpoints/step-N folders"
+        )
+    metadata = read_lora_metadata(where)
+    if metadata.get("family") and metadata["family"] != family:
+        raise UserError(
+            f"--lora {path}: the LoRA was trained on a {metadata['family']} model but --model is a {family} "
+            "model; use the base model it was trained on"
+        )
+    try:
+        pipe.load_lora_weights(str(where))
+    except (ValueError, KeyError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--lora {path}: this LoRA does not fit the {family} model ({reason[:160]})") from None
+
+
+def _load_checkpoint_lora(pipe, folder: Path, family: str) -> None:
+    """Load the LoRA of a training checkpoint into ``pipe``'s denoiser, as the run built it."""
+    import safetensors.torch
+
+    from diffalign import lora
+    from diffalign.checkpoint import read_saved_config
+    from diffalign.config import LoraSettings
+
+    saved = read_saved_config(folder)
+    if saved is None or not isinstance(saved.get("lora"), dict):
+        raise UserError(f"--lora {folder}: a checkpoint without its run's config.yaml; pass the run's final/ folder")
+    trained = _family_of_model(str(saved.get("model") or ""))
+    if trained not in (None, family):
+        raise UserError(
+            f"--lora {folder}: the checkpoint trained a {trained} model but --model is a {family} model; "
+            "use the base model it was trained on"
+        )
+    settings = LoraSettings.model_validate(saved["lora"])
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    positional = lora.add_lora(denoiser, family, settings)
+    stored = safetensors.torch.load_file(str(folder / "lora.safetensors"))
+    if all(key.isdigit() for key in stored):  # saved from the list add_lora returns
+        keys, values = [str(i) for i in range(len(positional))], list(positional)
+    else:
+        named = lora.lora_parameters(denoiser)
+        keys, values = list(named), list(named.values())
+    if sorted(keys) != sorted(stored) or any(stored[k].shape != p.shape for k, p in zip(keys, values)):
+        raise UserError(
+            f"--lora {folder}: the checkpoint's weights do not fit the {family} model with its LoRA settings; "
+            "use the base model it was trained on"
+        )
+    import torch
+
+    with torch.no_grad():
+        for key, param in zip(keys, values):
+            param.copy_(stored[key].to(param.dtype))
+            param.requires_grad_(False)
+
+
+def _family_of_model(model: str) -> str | None:
+    try:
+        from diffalign.pipelines.loading import detect_family
+
+        return detect_family(model)
+    except Exception:  # a hub id, or a folder moved since: nothing to compare
+        return None
 
 
 def _cmd_export_tiny(args: argparse.Namespace) -> int:
@@ -239,12 +319,46 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err), err.exit_code)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (resume with resume=latest)", file=sys.stderr)
-        return 130
+        from diffalign.run import last_checkpoint_of_live_runs
 
+        checkpoint = last_checkpoint_of_live_runs()
+        if checkpoint is not None:
+            return _fail(f"interrupted; the last checkpoint {checkpoint} is intact (continue with resume=latest)", 130)
+        return _fail("interrupted before training began; nothing was changed", 130)
+    except OSError as err:
+        message = _os_error_message(err)
+        if message is None:
+            raise
+        return _fail(message, 2)
+
+
+def _fail(message: str, code: int) -> int:
+    """Close what diffalign shows (progress bars), then print the one error line last."""
+    if "diffalign.run" in sys.modules:
+        sys.modules["diffalign.run"].abort_live_runs()
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _os_error_message(err: OSError) -> str | None:
+    """One line for the operating-system errors a user can fix: a full disk, no permission."""
+    import errno
+
+    from diffalign.files import is_disk_full
+
+    where = f" {err.filename}" if err.filename else ""
+    if is_disk_full(err):
+        from diffalign.run import last_checkpoint_of_live_runs
+
+        checkpoint = last_checkpoint_of_live_runs()
+        intact = f"the previous checkpoint {checkpoint} is intact" if checkpoint else "no checkpoint was written"
+        return f"disk full while writing{where}; {intact}"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write{where}: {err.strerror}; choose a folder you can write to (e.g. output_dir=...)"
+    return None
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,6 +46,13 @@ class LoraSettings(BaseModel):
         "diffalign.lora.DEFAULT_TARGET_MODULES (attention projections).",
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch input.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list trains nothing; name the modules (e.g. [to_q, to_v]) or use null for the family default")
+        return value
     init_lora_weights: Literal["default", "gaussian"] = Field(
         "default",
         description="peft initialisation of A (B starts at zero either way): 'default' = Kaiming "
@@ -138,9 +145,10 @@ class LoggingSettings(BaseModel):
     log_every: int = Field(1, gt=0, description="Write metrics every this many optimizer steps.")
     sample_every: int = Field(0, ge=0, description="Save a sample grid every this many steps; 0 = off.")
     sample_prompts: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS), description="Prompts of the sample grid."
+        default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS), min_length=1,
+        description="Prompts of the sample grid (at least one).",
     )
-    sample_seed: int = Field(0, description="Seed of the sample grid's noise (same images every time).")
+    sample_seed: int = Field(0, ge=0, description="Seed of the sample grid's noise (same images every time).")
     sample_steps: int = Field(20, gt=0, description="Sampler steps for the sample grid.")
     sample_guidance_scale: float | None = Field(
         None, ge=0, description="CFG scale for samples; None = the family's default."
@@ -173,7 +181,7 @@ class BaseRunConfig(BaseModel):
         description="Hub id, local diffusers directory, or an embedded tiny model: tiny-sd | tiny-sdxl | tiny-flux | tiny-sd3.",
     )
     output_dir: str | None = Field(None, description="Run directory; default runs/<method>.")
-    seed: int = Field(0, description="Global seed (python, numpy, torch).")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Global seed (python, numpy, torch): 0 to 2**32-1.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter settings.")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation settings.")
     resume: str | None = Field(None, description="'latest' or a checkpoint directory to continue from.")
@@ -235,16 +243,43 @@ def get_method(name: str) -> tuple[type[BaseRunConfig], type]:
 # --- loading ---------------------------------------------------------------------------------
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise UserError(
+                    f"config file {self.name}: duplicate key {key!r} at line {line} (first at line {seen[key]}); "
+                    "keep one of them"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {path} not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(f"config file {path} line {line}: not UTF-8 text (byte {raw[err.start]:#04x}); save it as UTF-8") from None
+    loader = _StrictLoader(text)
+    loader.name = str(path)
+    try:
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"config file {path}: invalid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
         raise UserError(f"config file {path} must be a YAML mapping of keys to values (line 1: got {got})")
@@ -394,6 +429,8 @@ def _show(value: Any) -> str:
 def format_validation_error(exc: pydantic.ValidationError, root: type[BaseModel]) -> str:
     """One line: ``config error: <key.path>: <what is wrong> (got <value>; allowed: <...>)``."""
     errors = exc.errors()
+    # an unknown key first: a misspelt key also makes the key it stands for "missing"
+    errors = sorted(errors, key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
     path, annotation, parent = _walk(root, tuple(first["loc"]))
     kind = first["type"]

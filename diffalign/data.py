@@ -71,6 +71,18 @@ def _open_image(source: bytes | str | os.PathLike, where: str) -> Image.Image:
     return image.convert("RGB")
 
 
+def read_text_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; a line that is not UTF-8 is a UserError naming the file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"{what} {path} line {line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the file as UTF-8"
+        ) from None
+
+
 # --- sources ---------------------------------------------------------------------------------
 
 
@@ -82,7 +94,7 @@ class JsonlPairs:
         if not self.path.is_file():
             raise UserError(f"data.source: manifest {self.path} not found")
         self.rows: list[dict] = []
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+        for number, line in enumerate(read_text_lines(self.path, "manifest"), start=1):
             if not line.strip():
                 continue
             where = f"{self.path} line {number}"
@@ -93,6 +105,10 @@ class JsonlPairs:
             missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or k not in row]
             if missing:
                 raise UserError(f"{where}: missing key(s) {', '.join(missing)}; each line needs prompt, chosen, rejected")
+            wrong = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row[k], str)]
+            if wrong:
+                got = ", ".join(f"{k}={json.dumps(row[k])}" for k in wrong)
+                raise UserError(f"{where}: {got}; prompt, chosen and rejected must be text (a prompt may be \"\")")
             row["_where"] = where
             self.rows.append(row)
         if not self.rows:
@@ -391,7 +407,7 @@ def load_prompts(source: str | Sequence[str], key: str = "prompts") -> list[str]
         path = Path(source)
         if not path.is_file():
             raise UserError(f"{key}: prompt file {path} not found; give a text file (one prompt per line) or a list")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_text_lines(path, "prompt file") if line.strip()]
         where = f"prompt file {path}"
     else:
         prompts = [str(p) for p in source]

@@ -26,6 +26,7 @@ import torch
 
 from diffalign.config import LoraSettings
 from diffalign.errors import UserError
+from diffalign.files import tensors_bytes, write_file
 from diffalign.pipelines.base import adapter_disabled  # noqa: F401  (the reference model; re-exported)
 
 FAMILIES = ("sd", "sdxl", "flux", "sd3")
@@ -263,9 +264,9 @@ def save_lora(
         with safetensors.safe_open(str(path), framework="pt") as f:
             header = dict(f.metadata() or {})
         header[DIFFALIGN_METADATA_KEY] = json.dumps(ours, sort_keys=True)
-        safetensors.torch.save_file(safetensors.torch.load_file(str(path)), str(path), metadata=header)
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        tensors = safetensors.torch.load_file(str(path))
+        path.unlink()  # safetensors writes 0600; written anew, the file follows the user's umask
+        write_file(path, tensors_bytes(tensors, metadata=header))
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -32,10 +32,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import shutil
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +45,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
+from pydantic import BaseModel
 
-from diffalign.checkpoint import TrainingState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from diffalign.checkpoint import (
+    TrainingState,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    nonfinite_state,
+    read_saved_config,
+    save_checkpoint,
+    set_aside_later_checkpoints,
+)
 from diffalign.config import BaseRunConfig, TrainSettings, config_to_yaml
-from diffalign.errors import UserError
+from diffalign.errors import RunStopped, UserError
+from diffalign.files import append_line, is_disk_full, write_file_atomically
 
 
 __all__ = [
@@ -80,16 +93,35 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Runs alive in this process, so that the command line can close their progress bars (the
+# error is then the last line printed) and drop an --overwrite staging folder after an error.
+_LIVE_RUNS: list["Run"] = []
+
+# Keys a resume cannot change: the weights and the random streams of the run depend on them.
+FROZEN_ON_RESUME = ("method", "model", "seed", "lora.rank", "lora.alpha", "lora.target_modules")
+# Keys that are a property of the invocation, not of the training.
+IGNORED_ON_RESUME = ("resume", "output_dir")
+# train.* keys whose old value the restored optimizer/scheduler state would keep: re-applied.
+OPTIMIZER_KEYS = ("learning_rate", "lr_scheduler", "warmup_steps", "max_steps",
+                  "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon")
+
+
 class Run:
     """One training run on this process: accelerator, run folder, metrics, samples, checkpoints.
 
     Attributes: ``accelerator``, ``device``, ``weight_dtype`` (for the frozen weights),
-    ``out_dir``, ``is_main``, ``num_processes``, ``process_index``.
+    ``out_dir``, ``is_main``, ``num_processes``, ``process_index``, ``last_checkpoint`` (the
+    newest checkpoint of the line being trained: restored or saved; None before any).
+
+    ``overwrite`` replaces an existing run folder without losing it to a failed start: the new
+    run is written into ``.<name>.overwrite`` next to it, and swapped in (the old run deleted)
+    only once its first checkpoint is on disk.
     """
 
     def __init__(self, cfg: BaseRunConfig, overwrite: bool = False) -> None:
         self.cfg = cfg
         self.out_dir = Path(cfg.output_dir)
+        self.last_checkpoint: Path | None = None
         report_to = list(cfg.logging.report_to)
         for name in report_to:
             if not any(importlib.util.find_spec(pkg) for pkg in TRACKER_PACKAGES[name]):
@@ -97,6 +129,16 @@ class Run:
                     f"logging.report_to={name} needs the {name} package: pip install 'diffalign[{name}]' "
                     f"or remove {name} from logging.report_to"
                 )
+        # 0. everything that can be checked before touching the disk: inputs, the folder, resume
+        check_inputs(cfg)
+        self._replaces: Path | None = None  # the run folder an --overwrite replaces at its first checkpoint
+        self._plan_out_dir(overwrite)
+        self._resume_folder = find_checkpoint(cfg.resume, self.out_dir / "checkpoints") if cfg.resume else None
+        self._resume_changes: dict[str, tuple[Any, Any]] = {}
+        self._resumed_config: dict | None = None
+        if self._resume_folder is not None:
+            self._resumed_config = read_saved_config(self._resume_folder)
+            self._resume_changes = changed_on_resume(self._resumed_config, cfg, self._resume_folder)
 
         # 1. processes, device, precision. One process may hold several Runs one after another
         # (tests, sweeps): drop the previous Run's precision settings; the process group stays.
@@ -115,19 +157,20 @@ class Run:
             torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
         # fp16 needs loss scaling (bf16 has fp32's range): Run.backward scales, optimizer_step unscales
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if cfg.train.mixed_precision == "fp16" else None
-        self.skipped_updates = 0  # updates not applied for a non-finite gradient norm (this session)
+        self.skipped_updates = 0  # updates not applied for a non-finite loss or gradient norm (this session)
         self.skipped_in_a_row = 0
 
-        # 2. run folder: every process decides from the same state before the main one changes it
-        self._prepare_out_dir(overwrite)
+        # 2. run folder: every process decided from the same state; the main one makes it
+        self._metrics_fd: int | None = None
+        self._progress = None
+        self._make_out_dir()
+        _LIVE_RUNS.append(self)
 
         # 3. seeds, metrics file, trackers, progress bar
         set_seed(cfg.seed)
-        self._metrics = None
-        self._progress = None
         if self.is_main:
-            (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
-            self._metrics = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
+            self._write_config()
+            self._open_metrics()
             from tqdm.auto import tqdm
 
             self._progress = tqdm(total=cfg.train.max_steps, desc="train", unit="step", dynamic_ncols=True)
@@ -139,7 +182,10 @@ class Run:
         self._sdpa_before = set_sdpa_switches({name: name in allowed for name in SDPA_SWITCHES} if allowed else {})
         self._install_stop_handlers()
 
-    def _prepare_out_dir(self, overwrite: bool) -> None:
+    # --- the run folder ----------------------------------------------------------------------
+
+    def _plan_out_dir(self, overwrite: bool) -> None:
+        """Decide where the run writes; refuse what would lose work. Touches nothing."""
         out, resume = self.out_dir, self.cfg.resume
         if out.exists() and not out.is_dir():
             raise UserError(f"output_dir {out} is a file; choose a folder")
@@ -156,12 +202,63 @@ class Run:
                 f"output_dir {out} exists and is not empty; pass --overwrite to replace it "
                 "or resume=latest to continue"
             )
+        if non_empty and overwrite:
+            refuse_to_replace(out)
+            self._replaces = out
+            self.out_dir = out.parent / f".{out.name}.overwrite"
+
+    def _make_out_dir(self) -> None:
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            if non_empty and overwrite:
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
+            try:
+                if self._replaces is not None and self.out_dir.exists():
+                    shutil.rmtree(self.out_dir)  # the staging folder of an earlier --overwrite that failed
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise _not_writable(self._replaces or self.out_dir, err) from None
         self.accelerator.wait_for_everyone()
+
+    def _write_config(self) -> None:
+        path = self.out_dir / "config.yaml"
+        try:
+            if self._resume_changes and path.is_file() and self._resume_folder is not None:
+                # what ran until the resumed step stays on record next to what runs from it
+                step = json.loads((self._resume_folder / "state.json").read_text())["step"]
+                os.replace(path, self.out_dir / f"config.until-step-{step}.yaml")
+            write_file_atomically(path, config_to_yaml(self.cfg))
+        except OSError as err:
+            if is_disk_full(err):
+                raise UserError(f"disk full while writing {path}; nothing was trained") from None
+            raise _not_writable(self._replaces or self.out_dir, err) from None
+
+    def _swap_in(self) -> None:
+        """Put the new run (its first checkpoint written) in place of the run --overwrite replaces."""
+        if self._replaces is None:
+            return
+        staging, target = self.out_dir, self._replaces
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            trash = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(target, trash)
+            os.rename(staging, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.out_dir, self._replaces = target, None
+        if self.last_checkpoint is not None and self.last_checkpoint.is_relative_to(staging):
+            self.last_checkpoint = target / self.last_checkpoint.relative_to(staging)
+
+    def abort(self) -> None:
+        """After an error: close the progress bar and metrics.jsonl, and drop the staging folder
+        of an --overwrite that never reached its first checkpoint (the old run stays as it was)."""
+        if self in _LIVE_RUNS:
+            _LIVE_RUNS.remove(self)
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._close_metrics()
+        if self._replaces is not None and self.is_main:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+        self._restore_signal_handlers()
 
     # --- output --------------------------------------------------------------------------
 
@@ -170,9 +267,15 @@ class Run:
         (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
 
     def print(self, msg: str) -> None:
-        """Print on the main process only; also appended to ``log.txt`` (read by the report)."""
-        self.accelerator.print(msg)
-        if self.is_main and self.out_dir.is_dir():
+        """Print on the main process only (above the progress bar while it is shown); also
+        appended to ``log.txt`` (read by the report)."""
+        if not self.is_main:
+            return
+        if self._progress is not None:
+            self._progress.write(msg)
+        else:
+            self.accelerator.print(msg)
+        if self.out_dir.is_dir():
             with open(self.out_dir / "log.txt", "a") as log:
                 log.write(f"{msg}\n")
 
@@ -194,13 +297,24 @@ class Run:
         keys = dict.fromkeys(key for m in reported for key in m)
         return {key: sum(m[key] for m in reported if key in m) / sum(key in m for m in reported) for key in keys}
 
+    def _open_metrics(self) -> None:
+        self._metrics_path = self.out_dir / "metrics.jsonl"
+        self._metrics_fd = os.open(self._metrics_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+
+    def _close_metrics(self) -> None:
+        if self._metrics_fd is not None:
+            os.close(self._metrics_fd)
+            self._metrics_fd = None
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append ``{"step", "time", **metrics}`` to metrics.jsonl, send to trackers, update the bar.
 
-        Tensors become floats; NaN/inf are written as null (metrics.jsonl stays strict JSON).
+        Each line is written whole and fsync'd (a resume drops a line torn by a crash). Tensors
+        become floats; NaN/inf are written as null (metrics.jsonl stays strict JSON).
         Strings (such as the guard's verdict) go to metrics.jsonl only. Main process only; other
         processes return at once.
         """
+        self._started = True
         if not self.is_main:
             return
         texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
@@ -208,12 +322,22 @@ class Run:
         record = {"step": step, "time": round(time.time(), 3)}
         record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
         record.update(texts)
-        self._metrics.write(json.dumps(record) + "\n")
+        try:
+            append_line(self._metrics_fd, json.dumps(record), self._metrics_path)
+        except OSError as err:
+            if is_disk_full(err):
+                raise UserError(f"disk full while writing {self._metrics_path}; {self._intact()}") from None
+            raise
         if self.accelerator.trackers:
             self.accelerator.log(values, step=step)
         self._progress.update(step - self._progress.n)
         shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "reward", "accuracy", "lr")}
         self._progress.set_postfix(shown or {k: f"{v:.4g}" for k, v in list(values.items())[:2]}, refresh=False)
+
+    def _intact(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was written yet"
+        return f"the previous checkpoint {self.last_checkpoint} is intact (continue with resume=latest)"
 
     def sample_grid(self, step: int, images: torch.Tensor, prompts: list[str]) -> Path | None:
         """Save ``images: [N, 3, H, W] in [0, 1]`` as ``samples/step-{step:06d}.png`` (+ prompts .txt).
@@ -231,8 +355,13 @@ class Run:
         folder.mkdir(exist_ok=True)
         path = folder / f"step-{step:06d}.png"
         pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).save(path)
-        path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
+        try:
+            Image.fromarray(pixels).save(path)
+            path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
+        except OSError as err:
+            if is_disk_full(err):
+                raise UserError(f"disk full while writing {path}; {self._intact()}") from None
+            raise
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({"samples": grid[None].numpy()}, step=step)
@@ -245,30 +374,46 @@ class Run:
     def checkpoint(self, step: int, state: TrainingState) -> Path:
         """Write ``checkpoints/step-{step}`` atomically (main process), prune beyond the limit.
 
-        Collective: every process must call it (their RNG states are gathered into the checkpoint).
+        Refuses (a UserError naming the last finite checkpoint) a state holding NaN/inf, which
+        could never be trained on from. The first checkpoint of an --overwrite swaps the new run
+        in place of the old one. Collective: every process must call it (their RNG states are
+        gathered into the checkpoint).
         """
+        self._started = True
+        bad = nonfinite_state(state)  # the same on every process: weights and optimizer state are synced
+        if bad is not None:
+            where = (f"the last checkpoint with finite weights is {self.last_checkpoint}: resume from it "
+                     f"(resume={self.last_checkpoint}) with a lower train.learning_rate"
+                     if self.last_checkpoint is not None else "no checkpoint was written yet: start again")
+            raise UserError(
+                f"{bad} became NaN/inf by step {step}, so step {step} was not checkpointed; {where} "
+                "(or set train.max_grad_norm / train.skip_nonfinite_updates)"
+            )
         state.grad_scaler = self.grad_scaler
         folder = save_checkpoint(
-            self.out_dir / "checkpoints", step, state, self.accelerator, self.cfg.train.checkpoints_total_limit
+            self.out_dir / "checkpoints", step, state, self.accelerator, self.cfg.train.checkpoints_total_limit,
+            config=self.cfg.model_dump(mode="json"),
         )
-        self.print(f"saved checkpoint {folder}")
+        self.last_checkpoint = folder
+        self._swap_in()
+        self.print(f"saved checkpoint {self.last_checkpoint}")
         if step < self.cfg.train.max_steps:  # the last step's report is written by finish()
             self.write_report()
-        return folder
+        return self.last_checkpoint
 
     def maybe_checkpoint(self, step: int, state: TrainingState) -> bool:
         """Checkpoint every ``train.checkpoint_every`` steps and at ``train.max_steps``; True if it did.
 
         Called at the end of every step, it is also where a SIGINT/SIGTERM takes effect: the step
-        is checkpointed and the run stops with a UserError saying how to resume (collective: one
-        process's signal stops them all)."""
+        is checkpointed and the run stops with a :class:`RunStopped` saying how to resume (exit
+        status 75; collective: one process's signal stops them all)."""
         every = self.cfg.train.checkpoint_every
         stop = self._stop_requested()
         if stop or (every > 0 and step % every == 0) or step == self.cfg.train.max_steps:
             folder = self.checkpoint(step, state)
             if stop:
                 self.finish()
-                raise UserError(f"stopped by {stop} after step {step}; {folder} holds it: continue with resume=latest")
+                raise RunStopped(f"stopped by {stop} after step {step}; {folder} holds it: continue with resume=latest")
             return True
         return False
 
@@ -276,6 +421,7 @@ class Run:
         """SIGINT/SIGTERM ask the run to stop at the end of the current step; a second one acts
         as it would have before (Ctrl-C twice interrupts at once)."""
         self._stop_signal: str | None = None
+        self._started = False  # set by restore() (or the first log/checkpoint): training has begun
         self._previous_handlers: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
             return  # Python lets only the main thread set handlers
@@ -283,12 +429,14 @@ class Run:
             self._previous_handlers[signum] = signal.signal(signum, self._on_stop_signal)
 
     def _on_stop_signal(self, signum: int, frame) -> None:
-        self._stop_signal = signal.Signals(signum).name
         signal.signal(signum, self._previous_handlers[signum])
+        if not self._started:  # still loading (model, data, rewards): nothing to checkpoint, stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signal.Signals(signum).name
         self.print(f"\n{self._stop_signal}: stopping after this step with a checkpoint (send it again to stop now)")
 
     def _restore_signal_handlers(self) -> None:
-        for signum, handler in self._previous_handlers.items():
+        for signum, handler in getattr(self, "_previous_handlers", {}).items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
 
@@ -304,33 +452,66 @@ class Run:
     def restore(self, state: TrainingState) -> int:
         """Load ``resume`` (``latest`` or a path) into ``state`` on every process; the step to continue from.
 
-        Without ``resume`` returns 0. Metrics logged after the restored step by the interrupted run
-        are dropped from metrics.jsonl so it reads as one continuous run.
+        Without ``resume`` returns 0. What the resumed run logged after the restored step is
+        dropped from metrics.jsonl, so it reads as one continuous run; checkpoints after that
+        step (and the ``final/`` they led to) are moved to ``checkpoints/abandoned-<time>/``, so
+        ``resume=latest`` follows the line trained now. Changed settings are applied: the
+        optimizer and schedule take the config's ``train.*`` values (printed).
         """
-        resume = self.cfg.resume
-        if resume is None:
+        self._started = True
+        if self._resume_folder is None:
             return 0
-        folder = find_checkpoint(resume, self.out_dir / "checkpoints")
+        folder = self._resume_folder
         state.grad_scaler = self.grad_scaler
         step, saved_processes = load_checkpoint(folder, state, self.accelerator)
+        self.last_checkpoint = folder
         if saved_processes != self.num_processes:
             self.print(
                 f"warning: {folder} was saved by {saved_processes} processes, this run has {self.num_processes}: "
                 "the effective batch changes, and per-process random streams and state (e.g. a GRPO round "
                 "in progress) are not restored"
             )
+        changed_train = [key for key in self._resume_changes if key.startswith("train.") and key[6:] in OPTIMIZER_KEYS]
+        if changed_train:
+            apply_train_settings(state.optimizer, state.lr_scheduler, self.cfg.train)
+        for key, (old, new) in self._resume_changes.items():
+            self.print(f"resume: {key} changed {old!r} -> {new!r}; applied from step {step + 1}")
+        self.accelerator.wait_for_everyone()
         if self.is_main:
             self._truncate_metrics(step)
+            aside = set_aside_later_checkpoints(self.out_dir / "checkpoints", step, self.out_dir / "final")
+            if aside is not None:
+                self.print(f"resumed from step {step}, older than the newest checkpoint: the later ones "
+                           f"(and final/) moved to {aside}; resume=latest follows this run from now on")
             self._progress.update(step - self._progress.n)
+        self.accelerator.wait_for_everyone()
         self.print(f"resumed from {folder} at step {step}")
         return step
 
     def _truncate_metrics(self, step: int) -> None:
-        path = self.out_dir / "metrics.jsonl"
-        self._metrics.close()
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self._metrics = open(path, "a", buffering=1)
+        """Keep metrics.jsonl's lines up to ``step``; a torn or damaged line is dropped with a note."""
+        path = self._metrics_path
+        kept, dropped = [], []
+        lines = path.read_bytes().split(b"\n")
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise ValueError("no step")
+            except ValueError:
+                dropped.append(number)
+                continue
+            if record["step"] <= step:
+                kept.append(raw.decode("utf-8"))
+        if dropped:
+            numbered = [number for number, raw in enumerate(lines, start=1) if raw.strip()]
+            what = "its torn last line" if dropped == numbered[-1:] else f"damaged line(s) {', '.join(map(str, dropped))}"
+            self.print(f"note: {path}: dropped {what} (written when the run was interrupted)")
+        self._close_metrics()
+        write_file_atomically(path, "".join(line + "\n" for line in kept))
+        self._open_metrics()
 
     def write_report(self) -> None:
         """(Re)write ``report.html`` (diffalign.report) on the main process. A failure to draw it
@@ -350,18 +531,165 @@ class Run:
 
     def finish(self) -> None:
         """Wait for every process, end the trackers, close metrics.jsonl and the progress bar."""
+        self._swap_in()  # a run that never checkpointed (no steps) still replaces what --overwrite named
         self.accelerator.wait_for_everyone()
         for tracker in self.accelerator.trackers:
             tracker.finish()
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+        self._close_metrics()
         if self._progress is not None:
             self._progress.close()
             self._progress = None
         self.write_report()
         set_sdpa_switches(self._sdpa_before)
         self._restore_signal_handlers()
+        if self in _LIVE_RUNS:
+            _LIVE_RUNS.remove(self)
+
+
+def abort_live_runs() -> None:
+    """For the command line, after an error: close every live run's progress bar (so that the
+    error is the last line printed) and drop unfinished --overwrite staging folders."""
+    for run in list(_LIVE_RUNS):
+        run.abort()
+
+
+def last_checkpoint_of_live_runs() -> Path | None:
+    """The newest checkpoint of the run this process is training (None without one)."""
+    return next((run.last_checkpoint for run in reversed(_LIVE_RUNS) if run.last_checkpoint is not None), None)
+
+
+def _not_writable(folder: Path, err: OSError) -> UserError:
+    reason = err.strerror or type(err).__name__
+    return UserError(f"output_dir {folder} is not writable ({reason}); choose another output_dir or fix its permissions")
+
+
+def refuse_to_replace(out: Path) -> None:
+    """UserError unless ``out`` is a diffalign run folder that --overwrite may replace: never the
+    current folder, the home folder, a folder above the current one, or a folder without config.yaml."""
+    resolved, cwd, home = out.resolve(), Path.cwd().resolve(), Path.home().resolve()
+    what = None
+    if resolved == cwd:
+        what = "the current folder"
+    elif resolved == home:
+        what = "your home folder"
+    elif cwd.is_relative_to(resolved):
+        what = "a folder above the current one"
+    if what is not None:
+        raise UserError(f"output_dir {out} is {what}; --overwrite never replaces it: set output_dir to a run folder such as runs/NAME")
+    if not (out / "config.yaml").is_file():
+        raise UserError(
+            f"output_dir {out} is not a diffalign run (no config.yaml), so --overwrite will not replace it; "
+            "choose another output_dir, or move its files away yourself"
+        )
+
+
+# --- checks before a run touches anything ------------------------------------------------------
+
+
+def _walk_config(model: BaseModel, prefix: str = ""):
+    """(dotted key, value) of every field of ``model`` and its sections."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            yield from _walk_config(value, key + ".")
+        else:
+            yield key, value
+
+
+def _looks_like_a_path(model: str) -> bool:
+    """A local path rather than a hub id (``org/name``) or a model name such as ``tiny-sdxl``."""
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
+
+
+def check_inputs(cfg: BaseRunConfig) -> None:
+    """What can be checked without loading anything, before the run touches a file: a local
+    model folder exists, reward names and options are registered, prompt files and JSONL
+    manifests exist. Each mistake is a UserError naming the key."""
+    model = cfg.model
+    if _looks_like_a_path(model) and not Path(model).expanduser().exists():
+        raise UserError(f"model: no such folder {model}; point model at a diffusers folder, a hub id or a tiny-* model")
+    for key, value in _walk_config(cfg):
+        name = key.rsplit(".", 1)[-1]
+        if value is None:
+            continue
+        if name in ("reward", "judge") and isinstance(value, (str, dict)):
+            from diffalign.rewards import parse_reward_spec
+
+            try:
+                parse_reward_spec(value)
+            except UserError as err:
+                raise UserError(f"{key}: {err}") from None
+        elif name == "prompts" and isinstance(value, (str, list)):
+            from diffalign.data import load_prompts
+
+            if isinstance(value, list) or not value.startswith("builtin:"):
+                load_prompts(value, key=key)
+        elif name == "source" and isinstance(value, str) and value.endswith(".jsonl") and not Path(value).is_file():
+            raise UserError(f"{key}: manifest {value} not found")
+
+
+# --- resuming with another config --------------------------------------------------------------
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and key not in ("reward", "judge"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_on_resume(saved: dict | None, cfg: BaseRunConfig, folder: Path) -> dict[str, tuple[Any, Any]]:
+    """``{key: (value in the checkpoint's run, value now)}`` for every setting a resume changes.
+
+    A change of a key in :data:`FROZEN_ON_RESUME` (method, model, seed, LoRA shape) is a
+    UserError naming it: the checkpoint cannot continue under it. ``saved`` None (a checkpoint
+    that predates recorded configs): nothing to compare."""
+    if saved is None:
+        return {}
+    now = cfg.model_dump(mode="json")
+    if saved.get("method") != now["method"]:
+        raise UserError(
+            f"resume={cfg.resume}: {folder} is a checkpoint of a {saved.get('method')} run, and this config trains "
+            f"{now['method']}; resume it with method: {saved.get('method')}, or start the {now['method']} run without resume"
+        )
+    before, after = _flat(saved), _flat(now)
+    changes = {}
+    for key in sorted(set(before) | set(after)):
+        if key in IGNORED_ON_RESUME or before.get(key) == after.get(key):
+            continue
+        if key in FROZEN_ON_RESUME:
+            raise UserError(
+                f"resume={cfg.resume}: {key} was {before.get(key)!r} in the run that wrote {folder} and is "
+                f"{after.get(key)!r} now; it cannot change mid-run: set {key}={before.get(key)!r} or start a new run"
+            )
+        changes[key] = (before.get(key, "(unset)"), after.get(key, "(unset)"))
+    return changes
+
+
+def apply_train_settings(optimizer, lr_scheduler, train: TrainSettings) -> None:
+    """Give a restored optimizer and schedule the config's hyperparameters (a checkpoint holds the
+    old ones): learning rate (through the schedule at its current step), betas, weight decay, eps."""
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["betas"] = (train.adam_beta1, train.adam_beta2)
+        group["weight_decay"] = train.adam_weight_decay
+        group["eps"] = train.adam_epsilon
+        group["initial_lr"] = train.learning_rate
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    if lr_scheduler is None or lambdas is None:
+        for group in optimizer.param_groups:
+            group["lr"] = train.learning_rate
+        return
+    lr_scheduler.base_lrs = [train.learning_rate for _ in optimizer.param_groups]
+    lrs = [base * fn(lr_scheduler.last_epoch) for base, fn in zip(lr_scheduler.base_lrs, lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    lr_scheduler._last_lr = lrs
 
 
 # --- optimisation helpers --------------------------------------------------------------------

@@ -15,6 +15,7 @@ from torch import Tensor
 from diffalign import lora
 from diffalign.config import BaseRunConfig, TrainSettings
 from diffalign.errors import UserError
+from diffalign.files import is_disk_full
 from diffalign.pipelines.base import DiffusionPolicy
 from diffalign.pipelines.loading import load_policy
 from diffalign.run import Run, build_lr_scheduler, build_optimizer, clip_gradients, maybe_enable_xformers, sync_gradients
@@ -30,11 +31,37 @@ def load_trainable_policy(cfg: BaseRunConfig, run: Run, **policy_options) -> tup
         policy = load_policy(
             cfg.model, device=run.device, torch_dtype=run.weight_dtype, resolution=cfg.train.resolution, **policy_options
         )
+    check_resolution(policy, cfg.train.resolution)
     maybe_enable_xformers(policy.pipe, cfg.train)
     if cfg.train.gradient_checkpointing:
         policy.denoiser.enable_gradient_checkpointing()
     params = lora.add_lora(policy.denoiser, policy.family, cfg.lora)
     return policy, params
+
+
+def check_resolution(policy: DiffusionPolicy, resolution: int | None) -> None:
+    """UserError unless ``train.resolution`` is a multiple of the model's downsampling (the
+    VAE's, times FLUX's 2x2 packing), naming the multiples allowed."""
+    if resolution is None:
+        return
+    try:
+        policy.latent_shape(resolution, resolution)
+    except ValueError:
+        factor = next(f for f in range(1, 257) if _fits(policy, f))
+        lower, upper = resolution // factor * factor, (resolution // factor + 1) * factor
+        nearest = f"{lower} or {upper}" if lower else f"{upper}"
+        raise UserError(
+            f"train.resolution={resolution}: the {policy.family} model needs a multiple of {factor} "
+            f"(its downsampling), e.g. {nearest}"
+        ) from None
+
+
+def _fits(policy: DiffusionPolicy, size: int) -> bool:
+    try:
+        policy.latent_shape(size, size)
+    except ValueError:
+        return False
+    return True
 
 
 def build_optimization(cfg: BaseRunConfig, params: Sequence[torch.nn.Parameter]):
@@ -44,24 +71,28 @@ def build_optimization(cfg: BaseRunConfig, params: Sequence[torch.nn.Parameter])
 
 
 def optimizer_step(
-    run: Run, params: Sequence[torch.nn.Parameter], optimizer, lr_scheduler, train: TrainSettings
+    run: Run, params: Sequence[torch.nn.Parameter], optimizer, lr_scheduler, train: TrainSettings,
+    loss: float | None = None,
 ) -> dict[str, float]:
     """All-reduce the LoRA gradients across processes, unscale (fp16), clip, step, advance the
     schedule and zero the gradients. Returns ``{"grad_norm": norm before clipping}`` (and the
     fp16 ``loss_scale``).
 
-    A non-finite norm is never applied. In fp16 with a loss scale of 1 or more it is an overflow
-    of the scale: the update is skipped and the scale halved, as torch's GradScaler does. Else the
+    A non-finite ``loss`` (averaged over processes) or gradient norm is never applied. In fp16
+    with a loss scale of 1 or more a non-finite norm (of a finite loss) is an overflow of the
+    scale: the update is skipped and the scale halved, as torch's GradScaler does. Else the
     update is skipped (``{"skipped_updates": total}``) while fewer than
-    ``train.skip_nonfinite_updates`` were skipped in a row, and the run stops after that. Every
-    process sees the same all-reduced gradients, so all skip or stop together."""
+    ``train.skip_nonfinite_updates`` were skipped in a row, and the run stops after that with
+    the last checkpoint to resume from. Every process sees the same all-reduced gradients and
+    averaged loss, so all skip or stop together."""
     sync_gradients(params, run.accelerator)
     scaler = run.grad_scaler
     if scaler is not None:
         scale = scaler.get_scale()
         scaler.unscale_(optimizer)
     grad_norm = clip_gradients(params, train.max_grad_norm)
-    if math.isfinite(grad_norm):
+    loss_finite = loss is None or math.isfinite(loss)
+    if loss_finite and math.isfinite(grad_norm):
         run.skipped_in_a_row = 0
         if scaler is not None:
             scaler.step(optimizer)
@@ -69,20 +100,24 @@ def optimizer_step(
             optimizer.step()
         lr_scheduler.step()
         metrics = {"grad_norm": grad_norm}
-    elif scaler is not None and scale >= 1.0:
+    elif loss_finite and scaler is not None and scale >= 1.0:
         metrics = {}  # the loss scale overflowed: scaler.update() below halves it
     else:
+        what = f"the gradient norm is {grad_norm}" if loss_finite else f"the loss is {loss}"
         if run.skipped_in_a_row >= train.skip_nonfinite_updates:
             optimizer.zero_grad(set_to_none=True)
+            if run.last_checkpoint is not None:
+                where = f"resume from the last checkpoint, which is finite (resume={run.last_checkpoint})"
+            else:
+                where = "no checkpoint was written yet: start again"
             raise UserError(
-                f"the gradient norm is {grad_norm} (the update was not applied; "
-                f"{run.skipped_in_a_row} skipped in a row before it); set train.skip_nonfinite_updates=N to skip "
-                "such updates, train.sdpa_backends=[flash,efficient,math] if this is bf16/fp16 on an H100/H200, "
-                "or lower train.learning_rate (the last checkpoint is intact)"
+                f"{what} (the update was not applied; {run.skipped_in_a_row} skipped in a row before it); "
+                f"{where} with a lower train.learning_rate, or set train.skip_nonfinite_updates=N to skip such "
+                "updates, or train.sdpa_backends=[flash,efficient,math] if this is bf16/fp16 on an H100/H200"
             )
         run.skipped_in_a_row += 1
         run.skipped_updates += 1
-        run.print(f"warning: gradient norm {grad_norm}; update skipped ({run.skipped_in_a_row} in a row)")
+        run.print(f"warning: {what}; update skipped ({run.skipped_in_a_row} in a row)")
         metrics = {"skipped_updates": float(run.skipped_updates)}
     if scaler is not None:
         scaler.update()
@@ -121,14 +156,24 @@ def save_final_lora(run: Run, policy: DiffusionPolicy, cfg: BaseRunConfig, extra
     """Write ``out_dir/final`` (diffusers-format LoRA with alpha) on the main process."""
     final = run.out_dir / "final"
     if run.is_main:
-        lora.save_lora(policy.pipe, policy.denoiser, final, cfg.lora, policy.family, extra_metadata, method=cfg.method)
+        try:
+            lora.save_lora(policy.pipe, policy.denoiser, final, cfg.lora, policy.family, extra_metadata, method=cfg.method)
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            raise UserError(
+                f"disk full while writing {final / lora.LORA_WEIGHT_NAME}; the last checkpoint {run.last_checkpoint} "
+                "is intact (free some space, then resume=latest writes final/ again)"
+            ) from None
     run.accelerator.wait_for_everyone()
     return final
 
 
 def check_finite(loss: float | Tensor, step: int) -> None:
     """Stop with a clear message on a NaN/inf loss (before the optimizer step uses its gradients).
-    Pass a float where possible: a tensor is converted here, which waits for the device."""
+    Pass a float where possible: a tensor is converted here, which waits for the device.
+    Trainers pass the loss to :func:`optimizer_step` instead, which skips such updates under
+    ``train.skip_nonfinite_updates`` and names the checkpoint to resume from."""
     loss = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
     if not math.isfinite(loss):
         raise UserError(
@@ -149,9 +194,10 @@ class EvalSettings(BaseModel):
     reward: str | dict | None = Field(None, description="Reward spec from the registry (e.g. brightness, pickscore); null = off.")
     prompts: list[str] = Field(
         default_factory=lambda: ["a sunny beach", "a cat on a sofa", "a city street", "a bowl of fruit"],
-        description="Evaluation prompts.",
+        min_length=1,
+        description="Evaluation prompts (at least one).",
     )
-    seed: int = Field(0, description="Seed of the evaluation noise.")
+    seed: int = Field(0, ge=0, description="Seed of the evaluation noise.")
     num_images_per_prompt: int = Field(2, ge=1, description="Samples per prompt (seeds seed, seed+1, ...).")
     num_steps: int = Field(20, ge=1, description="Sampler steps.")
     guidance_scale: float | None = Field(None, description="CFG scale; null = the family default.")
@@ -201,9 +247,8 @@ def end_step(
     write the sample grid (and ``evaluate()``'s metrics) every ``logging.sample_every`` steps,
     maybe checkpoint."""
     metrics = run.mean_over_processes({key: float(value) for key, value in metrics.items()})
-    if "loss" in metrics:  # averaged first, so every process stops together
-        check_finite(metrics["loss"], step)
-    metrics.update(optimizer_step(run, params, optimizer, lr_scheduler, cfg.train))
+    # the loss is averaged first, so every process skips or stops together
+    metrics.update(optimizer_step(run, params, optimizer, lr_scheduler, cfg.train, loss=metrics.get("loss")))
     metrics["lr"] = lr_scheduler.get_last_lr()[0]
     run.log(step, metrics)
     if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:

@@ -49,7 +49,6 @@ from diffalign.run import Run, TrainingState
 from diffalign.training import (
     DEFAULT_GUIDANCE,
     build_optimization,
-    check_finite,
     load_trainable_policy,
     log_samples,
     optimizer_step,
@@ -401,8 +400,9 @@ class SelfNPOTrainer:
                     metrics[key] = metrics.get(key, 0.0) + value / cfg.train.gradient_accumulation_steps
             # 4. update: optimizer step on the synced gradients, then the teacher follows by EMA
             metrics = run.mean_over_processes({key: float(value) for key, value in metrics.items()})
-            check_finite(metrics["loss"], step)  # averaged first, so every process stops together
-            metrics.update(optimizer_step(run, list(params.values()), optimizer, lr_scheduler, cfg.train))
+            # the loss is averaged first, so every process skips (train.skip_nonfinite_updates) or stops together
+            metrics.update(optimizer_step(run, list(params.values()), optimizer, lr_scheduler, cfg.train,
+                                          loss=metrics["loss"]))
             ema_update(ema, params, cfg.self_npo.ema_decay)
             metrics["lr"] = lr_scheduler.get_last_lr()[0]
             if run.should_log(step):
