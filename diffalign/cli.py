@@ -6,6 +6,7 @@
     diffalign export-lora RUN/final --format kohya --out model.safetensors   [--merge]
     diffalign score ...            (see diffalign score --help)
     diffalign sample CONFIG --out DIR   (D3PO human-feedback pairs)
+    diffalign label DIR [--name N] | label export DIR --out DIR2   (label pairs in the browser)
     diffalign report RUN_DIR       (rebuild RUN_DIR/report.html)
     diffalign serve-reward REWARD[:opts] [--host H --port N]   (then reward: remote:url=http://H:N)
     diffalign methods | rewards | explain METHOD
@@ -274,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     export_lora = commands.add_parser("export-lora", help="a trained LoRA as a kohya file (ComfyUI, A1111/Forge), or --merge into the model")
     add_export_arguments(export_lora)
     export_lora.set_defaults(func=run_export)
+
+    from diffalign.label import add_label_arguments, run_label
+
+    label = commands.add_parser("label", help="label image pairs in the browser (D3PO labels; `label export`: Pick-a-Pic parquet)")
+    add_label_arguments(label)
+    label.set_defaults(func=run_label)
 
     score = commands.add_parser("score", help="score images (or image pairs) with registry rewards")
     from diffalign.scoring import add_score_arguments, run_score
