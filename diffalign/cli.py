@@ -323,8 +323,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from diffalign.guard import GuardStopped
+
     try:
         return int(args.func(args) or 0)
+    except GuardStopped as stop:  # the run ended early as guard.action asked, its final LoRA written
+        print(stop, file=sys.stderr)
+        return 0
     except UserError as err:
         return _fail(str(err), err.exit_code)
     except KeyboardInterrupt:

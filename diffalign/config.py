@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from diffalign.errors import UserError
+from diffalign.guard import GuardSettings
 
 # --- the shared sections ---------------------------------------------------------------------
 
@@ -186,11 +187,23 @@ class BaseRunConfig(BaseModel):
     train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation settings.")
     resume: str | None = Field(None, description="'latest' or a checkpoint directory to continue from.")
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging settings.")
+    guard: GuardSettings = Field(
+        default_factory=GuardSettings, description="Reward-hacking guard (held-out reward + diversity; on with eval.reward)."
+    )
 
     @model_validator(mode="after")
     def _default_output_dir(self) -> BaseRunConfig:
         if self.output_dir is None:
             self.output_dir = f"runs/{self.method}"
+        return self
+
+    @model_validator(mode="after")
+    def _guard_needs_a_heldout_reward(self) -> BaseRunConfig:
+        if self.guard.enabled and getattr(getattr(self, "eval", None), "reward", None) is None:
+            raise UserError(
+                "config error: guard.enabled=true needs eval.reward (a held-out reward other than the training "
+                "one); set eval.reward or guard.enabled=false"
+            )
         return self
 
 

@@ -35,7 +35,7 @@ PLOT_GROUPS: list[tuple[str, str, object]] = [
     ("gradient norm", "norm before clipping", lambda k: k == "grad_norm"),
     ("learning rate", "lr", lambda k: k == "lr"),
 ]
-NOT_PLOTTED = {"step", "time", "epoch", "guard/hacking", "guard/best_step", "guard/best_heldout"}
+NOT_PLOTTED = {"step", "time", "epoch", "guard/hacking", "guard/best_step", "guard/best_heldout", "guard/train_reward"}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

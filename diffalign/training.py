@@ -4,7 +4,9 @@ in ``run.py``.)"""
 
 from __future__ import annotations
 
+import json
 import math
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +18,7 @@ from diffalign import lora
 from diffalign.config import BaseRunConfig, TrainSettings
 from diffalign.errors import UserError
 from diffalign.files import is_disk_full
+from diffalign.guard import finish_guard, guard_for
 from diffalign.pipelines.base import DiffusionPolicy
 from diffalign.pipelines.loading import load_policy
 from diffalign.run import Run, build_lr_scheduler, build_optimizer, clip_gradients, maybe_enable_xformers, sync_gradients
@@ -245,8 +248,9 @@ def end_step(
     """The update and what follows it, after the step's gradients are accumulated: average the
     metrics over processes (one device sync), stop on a non-finite loss, sync/clip/step, log,
     write the sample grid (and ``evaluate()``'s metrics) every ``logging.sample_every`` steps,
-    maybe checkpoint."""
+    maybe checkpoint, and let the reward-hacking guard (diffalign.guard) check the step."""
     metrics = run.mean_over_processes({key: float(value) for key, value in metrics.items()})
+    guard = guard_for(run, cfg, policy, params, step)  # None when off; measures the start on its first call
     # the loss is averaged first, so every process skips or stops together
     metrics.update(optimizer_step(run, params, optimizer, lr_scheduler, cfg.train, loss=metrics.get("loss")))
     metrics["lr"] = lr_scheduler.get_last_lr()[0]
@@ -256,6 +260,8 @@ def end_step(
         if evaluate is not None and step < cfg.train.max_steps:
             run.log(step, evaluate())
     run.maybe_checkpoint(step, state)
+    if guard is not None:  # held-out reward and diversity every guard.every steps; may end the run
+        guard.after_step(step, metrics)
     return metrics
 
 
@@ -267,11 +273,13 @@ def finish_run(
     after: dict[str, float],
     extra_metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Log and print the evaluation before -> after, write ``final/`` and close the run."""
+    """Log and print the evaluation before -> after, write ``final/`` (with ``guard.keep_best``: the
+    LoRA of the guard's best held-out check) and close the run."""
     if after:
         run.log(cfg.train.max_steps, after)
     for key, value in after.items():
         run.print(f"{key}: " + (f"before {before[key]:.4f} -> " if key in before else "") + f"after {value:.4f}")
+    finish_guard(run, cfg.train.max_steps)
     final = save_final_lora(run, policy, cfg, extra_metadata)
     run.print(f"final LoRA: {final}")
     run.finish()
@@ -280,7 +288,8 @@ def finish_run(
 
 def load_frozen_reward(spec, device: torch.device | str, dtype: torch.dtype | str | None = None):
     """A registry reward on ``device``, in eval mode with its own weights frozen (gradients can
-    still flow through it to the images).
+    still flow through it to the images). While a caller holds it, the same spec, device and dtype
+    give the same object.
 
     The device (and ``dtype`` when given) goes to the reward's factory, so a reward with weights
     (a 7B VLM judge, HPSv2's ViT-H) is loaded straight onto the device rather than built whole in
@@ -289,6 +298,15 @@ def load_frozen_reward(spec, device: torch.device | str, dtype: torch.dtype | st
     """
     from diffalign.rewards import load_reward, options_taken
 
-    reward = load_reward(spec, **options_taken(spec, {"device": device, "dtype": dtype})).to(device)
-    reward.requires_grad_(False)
+    key = (json.dumps(spec, sort_keys=True, default=str), str(device), str(dtype))
+    reward = _LOADED_REWARDS.get(key)
+    if reward is None:
+        reward = load_reward(spec, **options_taken(spec, {"device": device, "dtype": dtype})).to(device)
+        reward.requires_grad_(False)
+        _LOADED_REWARDS[key] = reward
     return reward.eval()
+
+
+# Rewards a run holds, by (spec, device, dtype): asking again for one (the guard asks for the
+# trainer's eval reward) returns the same object instead of a second copy of its weights.
+_LOADED_REWARDS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
