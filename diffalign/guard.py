@@ -233,10 +233,9 @@ class RewardHackingGuard:
         """Call after each step's update and checkpoint. Checks every ``every`` steps and at the
         last; on an acting stop/rollback verdict writes final/ and raises :class:`GuardStopped`."""
         name = self.settings.train_metric
-        if name in metrics:
-            self.train_values.append(float(metrics[name]))
-        elif "loss" in metrics:
-            self.train_values.append(-float(metrics["loss"]))
+        value = float(metrics[name]) if name in metrics else -float(metrics["loss"]) if "loss" in metrics else None
+        if value is not None and math.isfinite(value):  # a skipped NaN step says nothing
+            self.train_values.append(value)
         if step % self.every and step != self.cfg.train.max_steps:
             return
         train = sum(self.train_values) / len(self.train_values) if self.train_values else None
