@@ -9,6 +9,7 @@ exactly the code path of real weights:
     save_tiny_pickscore(dir)       HF CLIPModel + CLIPProcessor directory (save_pretrained)
     save_tiny_vlm(dir)             HF Qwen2.5-VL directory + its processor (save_pretrained)
     save_tiny_imagereward(dir)     ImageReward.pt (BLIP's key layout, plain state dict) + a BERT tokenizer
+    save_tiny_geneval(dir)         HF Mask2Former (COCO's 80 classes, Swin backbone) + its image processor
 
 Tokenizers are built locally: the real 49,408-token CLIP BPE from the vocabulary file open_clip ships
 (token ids identical to open_clip's), and a byte-level BPE with Qwen's special tokens for the VLM.
@@ -36,6 +37,8 @@ TINY_VERSION = 1
 TINY_IMAGE_SIZE = 32  # the towers' input resolution; any image size works, it is resized
 TINY_EMBED_DIM = 768  # = ViT-L/14's, so the aesthetic head is the published 768-wide MLP
 TINY_REWARDS = ("clip", "aesthetic", "hpsv2", "pickscore", "vlm", "imagereward")
+# Also built here, outside the device contract tests (transformers makes one Mask2Former parameter on the CPU).
+TINY_EXTRA_REWARDS = ("geneval",)
 
 _TINY_OPEN_CLIP_CFG = {
     "embed_dim": TINY_EMBED_DIM,
@@ -180,6 +183,32 @@ def save_tiny_imagereward(directory: str | os.PathLike, seed: int = TINY_SEED) -
     return out
 
 
+TINY_GENEVAL_BIASED_CLASS = 16  # "dog": the tiny detector's class head favours it, so detections pass 0.3
+
+
+def save_tiny_geneval(directory: str | os.PathLike, seed: int = TINY_SEED) -> Path:
+    """Write a tiny COCO instance-segmentation Mask2Former (80 classes, 10 queries, Swin backbone) and a
+    Mask2Former image processor (shortest edge 384, as the published COCO models)."""
+    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
+                              SwinConfig)
+
+    out = Path(directory)
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 2],
+                          window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                               encoder_feedforward_dim=64, dim_feedforward=64, encoder_layers=1, decoder_layers=2,
+                               num_attention_heads=2, num_queries=10, num_labels=80, use_pretrained_backbone=False)
+    torch.manual_seed(seed)
+    model = Mask2FormerForUniversalSegmentation(config).eval()
+    with torch.no_grad():
+        model.class_predictor.bias[TINY_GENEVAL_BIASED_CLASS] += 8.0
+    processor = Mask2FormerImageProcessor(size={"shortest_edge": 384, "longest_edge": 1333}, size_divisor=32,
+                                          num_labels=80, ignore_index=255, reduce_labels=False)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 _TINY_PROMPT_WORDS = ("a red apple on a table", "a cat", "two dogs running on a beach at sunset", "an astronaut",
                       "a photo of a blue car", "hello world")
 
@@ -215,8 +244,8 @@ def qwen_byte_tokenizer():
 
 def tiny_reward_options(name: str, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Options that make ``load_reward(name, **options)`` load the tiny weights (built once, cached)."""
-    if name not in TINY_REWARDS:
-        raise ValueError(f"no tiny weights for reward {name!r}; choose one of {', '.join(TINY_REWARDS)}")
+    if name not in TINY_REWARDS + TINY_EXTRA_REWARDS:
+        raise ValueError(f"no tiny weights for reward {name!r}; choose one of {', '.join(TINY_REWARDS + TINY_EXTRA_REWARDS)}")
     root = Path(cache_dir) if cache_dir is not None else _cache_root()
     if name == "clip":
         return {"model": str(_cached(root, "open_clip", save_tiny_open_clip))}
@@ -228,6 +257,9 @@ def tiny_reward_options(name: str, cache_dir: str | os.PathLike | None = None) -
         return {"model": str(folder), "checkpoint": str(folder / "HPS_v2.1_compressed.pt")}
     if name == "pickscore":
         return {"model": str(_cached(root, "pickscore", save_tiny_pickscore))}
+    if name == "geneval":
+        return {"detector": str(_cached(root, "geneval", save_tiny_geneval)),
+                "clip_model": str(_cached(root, "open_clip", save_tiny_open_clip)), "clip_pretrained": None}
     if name == "imagereward":
         folder = _cached(root, "imagereward", save_tiny_imagereward)
         return {"checkpoint": str(folder / "ImageReward.pt"), "tokenizer": str(folder)}
@@ -238,7 +270,7 @@ def tiny_reward(name: str, cache_dir: str | os.PathLike | None = None, **options
     """``load_reward(name)`` on tiny random weights; rule-based names need no weights and pass through."""
     from .registry import load_reward
 
-    extra = tiny_reward_options(name, cache_dir) if name in TINY_REWARDS else {}
+    extra = tiny_reward_options(name, cache_dir) if name in TINY_REWARDS + TINY_EXTRA_REWARDS else {}
     return load_reward(name, **{**extra, **options})
 
 
