@@ -184,6 +184,16 @@ class BaseRunConfig(BaseModel):
     output_dir: str | None = Field(None, description="Run directory; default runs/<method>.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Global seed (python, numpy, torch): 0 to 2**32-1.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter settings.")
+    init_lora: str | None = Field(
+        None,
+        description="Continue training this LoRA (a folder with pytorch_lora_weights.safetensors such as runs/x/final, "
+        "or the file) instead of a fresh one; it keeps its rank, alpha and layers (lora.rank / lora.alpha must match).",
+    )
+    reference: Literal["base", "init"] = Field(
+        "base",
+        description="The reference model of the method's KL / ratio / base-drift terms: base = the base model "
+        "(adapter off); init = base + init_lora, frozen (needs init_lora).",
+    )
     train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation settings.")
     resume: str | None = Field(None, description="'latest' or a checkpoint directory to continue from.")
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging settings.")
@@ -193,6 +203,8 @@ class BaseRunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _default_output_dir(self) -> BaseRunConfig:
+        if self.reference == "init" and self.init_lora is None:
+            raise UserError("config error: reference: 'init' needs init_lora: PATH (the LoRA to continue from)")
         if self.output_dir is None:
             self.output_dir = f"runs/{self.method}"
         return self

@@ -299,6 +299,31 @@ def read_lora_metadata(lora_dir: str | os.PathLike) -> dict[str, str]:
     return json.loads(raw) if raw else {}
 
 
+def read_lora_file(lora_dir: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], dict | None]:
+    """The one place a LoRA file is read: ``(component, state, adapter_metadata)``.
+
+    ``lora_dir``: a folder holding ``pytorch_lora_weights.safetensors`` or the file itself.
+    ``component``: "unet" or "transformer" (the key prefix); ``state``: the diffusers-format
+    tensors with that prefix; ``adapter_metadata``: the peft LoraConfig dict stored in the header
+    (rank, alpha, target modules), or None for a file without it (alpha then equals rank).
+    safetensors only, never pickle. Any other layout is a UserError naming the file.
+    """
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    path = _lora_file(lora_dir)
+    try:
+        state = safetensors.torch.load_file(str(path))
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (OSError, safetensors.SafetensorError) as err:
+        raise UserError(f"{path} is not a readable safetensors LoRA file ({err})") from None
+    prefixes = {key.split(".", 1)[0] for key in state}
+    if len(prefixes) != 1 or next(iter(prefixes)) not in ("unet", "transformer"):
+        raise UserError(f"{path} holds LoRA weights for {sorted(prefixes)}; expected only unet or transformer")
+    raw_meta = header.get(LORA_ADAPTER_METADATA_KEY)
+    return prefixes.pop(), state, (json.loads(raw_meta) if raw_meta else None)
+
+
 def load_lora(
     denoiser: torch.nn.Module, lora_dir: str | os.PathLike, adapter_name: str = "default"
 ) -> dict[str, torch.nn.Parameter]:
@@ -308,20 +333,61 @@ def load_lora(
     keep the file's dtype (fp32) and are frozen; returns them (peft names -> Parameter) so a
     trainer can ``requires_grad_(True)`` them to continue training.
     """
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-
-    path = _lora_file(lora_dir)
-    state = safetensors.torch.load_file(str(path))
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-    prefixes = {key.split(".", 1)[0] for key in state}
-    if len(prefixes) != 1 or next(iter(prefixes)) not in ("unet", "transformer"):
-        raise UserError(f"{path} holds LoRA weights for {sorted(prefixes)}; expected only unet or transformer")
-    prefix = prefixes.pop()
-    raw_meta = header.get(LORA_ADAPTER_METADATA_KEY)
-    metadata = json.loads(raw_meta) if raw_meta else None
+    prefix, state, metadata = read_lora_file(lora_dir)
     denoiser.load_lora_adapter(state, prefix=prefix, adapter_name=adapter_name, metadata=metadata)
     params = lora_parameters(denoiser, adapter_name)
     for param in params.values():
         param.requires_grad_(False)
     return params
+
+
+# The frozen copy of ``init_lora`` that is the reference with ``reference: init``.
+INIT_ADAPTER = "init"
+
+
+def add_trainable_lora(
+    denoiser: torch.nn.Module,
+    family: str,
+    settings: LoraSettings,
+    init_lora: str | os.PathLike | None = None,
+    reference: str = "base",
+) -> list[torch.nn.Parameter]:
+    """The trainable adapter ``default`` of a run: fresh (:func:`add_lora`) or, with
+    ``init_lora``, that LoRA's weights to continue training (config key ``init_lora``).
+
+    A continued LoRA keeps the file's rank, alpha and layers; ``settings.rank`` / ``alpha``
+    must equal them (a UserError says which to set). With ``reference="init"`` the file is
+    loaded a second time as the frozen adapter ``INIT_ADAPTER``; the caller points the policy's
+    ``reference_adapter`` at it. Returns the trainable (fp32) parameters; everything else is
+    frozen and ``default`` is the active adapter.
+    """
+    _check_family(family)
+    if init_lora is None:
+        if reference != "base":
+            raise UserError(f"reference: {reference!r} needs init_lora: PATH (the LoRA to continue from)")
+        return add_lora(denoiser, family, settings)
+    prefix, _, _ = read_lora_file(init_lora)
+    if prefix != DENOISER_COMPONENT[family]:
+        raise UserError(
+            f"init_lora: {init_lora} is a LoRA for a {prefix} (another model family); this {family} model needs "
+            f"a {DENOISER_COMPONENT[family]} LoRA"
+        )
+    try:
+        params = load_lora(denoiser, init_lora, "default")
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise UserError(f"init_lora: {init_lora} does not fit this {family} model's denoiser ({err})") from None
+    config = denoiser.peft_config["default"]
+    if (config.r, float(config.lora_alpha)) != (settings.rank, float(settings.alpha)):
+        raise UserError(
+            f"init_lora: {init_lora} is a rank-{config.r} LoRA with alpha {float(config.lora_alpha):g}, but lora.rank="
+            f"{settings.rank} and lora.alpha={float(settings.alpha):g}; set lora.rank={config.r} lora.alpha="
+            f"{float(config.lora_alpha):g} (a continued LoRA keeps its shape)"
+        )
+    if reference == "init":
+        load_lora(denoiser, init_lora, INIT_ADAPTER)
+    denoiser.set_adapter("default")
+    denoiser.requires_grad_(False)
+    for param in params.values():
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    return list(params.values())

@@ -197,6 +197,10 @@ class Run:
             raise UserError(
                 f"--overwrite would delete the checkpoint resume={resume} continues from; drop one of them"
             )
+        init = self.cfg.init_lora
+        if overwrite and non_empty and init is not None and Path(init).resolve().is_relative_to(out.resolve()):
+            raise UserError(f"--overwrite would delete init_lora={init}, which this run continues from; "
+                            "copy it out of the output_dir or choose another output_dir")
         if non_empty and not overwrite and resume is None:
             raise UserError(
                 f"output_dir {out} exists and is not empty; pass --overwrite to replace it "

@@ -28,7 +28,8 @@ DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "flux": 1.0, "sd3": 4.5}  # SD3.5-M:
 
 
 def load_trainable_policy(cfg: BaseRunConfig, run: Run, **policy_options) -> tuple[DiffusionPolicy, list[torch.nn.Parameter]]:
-    """Load ``cfg.model`` on the run's device and dtype, add the LoRA adapter, and apply the
+    """Load ``cfg.model`` on the run's device and dtype, add the LoRA adapter (fresh, or
+    ``cfg.init_lora`` to continue; ``cfg.reference`` picks the reference model), and apply the
     memory options. Returns the policy and its trainable LoRA parameters (fp32)."""
     with run.accelerator.main_process_first():  # the tiny models are built once, on rank 0
         policy = load_policy(
@@ -38,7 +39,10 @@ def load_trainable_policy(cfg: BaseRunConfig, run: Run, **policy_options) -> tup
     maybe_enable_xformers(policy.pipe, cfg.train)
     if cfg.train.gradient_checkpointing:
         policy.denoiser.enable_gradient_checkpointing()
-    params = lora.add_lora(policy.denoiser, policy.family, cfg.lora)
+    # A fresh adapter, or init_lora's weights to continue (reference: init keeps a frozen copy)
+    params = lora.add_trainable_lora(policy.denoiser, policy.family, cfg.lora, cfg.init_lora, cfg.reference)
+    if cfg.reference == "init":
+        policy.reference_adapter = lora.INIT_ADAPTER
     return policy, params
 
 

@@ -153,6 +153,29 @@ def adapter_disabled(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
             param.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def adapter_only(module: torch.nn.Module, adapter_name: str) -> Iterator[torch.nn.Module]:
+    """Run ``module`` with only the LoRA adapter ``adapter_name`` active (e.g. a frozen copy of
+    the LoRA a run continued from, as its reference). Afterwards every adapter layer gets back
+    its active adapters and enabled state, and every parameter its ``requires_grad`` flag."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    before = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer in layers]
+    requires_grad = [(p, p.requires_grad) for p in module.parameters()]
+    for layer in layers:
+        layer.enable_adapters(True)
+        layer.set_adapter(adapter_name)
+    try:
+        yield module
+    finally:
+        for layer, active, disabled in before:
+            layer.set_adapter(active)
+            layer.enable_adapters(not disabled)
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
+
+
 class DiffusionPolicy(abc.ABC):
     """What every family shares: guidance, the sampling loop and transition re-scoring.
 
@@ -162,6 +185,9 @@ class DiffusionPolicy(abc.ABC):
     """
 
     family: str = ""
+    # The frozen adapter that is the reference model (``reference: init``: base + the LoRA the run
+    # continued from); None: the base model, i.e. every adapter off.
+    reference_adapter: str | None = None
 
     def __init__(self, pipe, denoiser: torch.nn.Module) -> None:
         self.pipe = pipe
@@ -179,7 +205,10 @@ class DiffusionPolicy(abc.ABC):
         return next(p for p in self.denoiser.parameters() if not p.requires_grad).dtype
 
     def reference(self) -> contextlib.AbstractContextManager:
-        """Context in which ``predict``/``log_prob`` use the base model (LoRA disabled)."""
+        """Context in which ``predict``/``log_prob`` use the reference model: the base model
+        (LoRA disabled), or only the frozen ``reference_adapter`` when one is set."""
+        if self.reference_adapter is not None:
+            return adapter_only(self.denoiser, self.reference_adapter)
         return adapter_disabled(self.denoiser)
 
     @abc.abstractmethod
