@@ -80,6 +80,10 @@ class TrainSettings(BaseModel):
         "no", description="Dtype of the frozen weights and autocast; LoRA weights stay fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute denoiser activations in backward.")
+    offload_frozen: bool = Field(
+        False, description="Keep the VAE and text encoders on the CPU while training (needs data.cache: the "
+        "cached latents and embeddings replace them); sample grids and evaluations bring them back for their duration."
+    )
     checkpoint_every: int = Field(
         500, ge=0, description="Save checkpoints/step-N every this many steps; 0 = only the final step."
     )

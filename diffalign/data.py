@@ -49,6 +49,8 @@ class PairBatch:
 
     chosen, rejected: [B, 3, R, R] in [-1, 1]; original_sizes / crops_top_left: per image (h, w)
     and (top, left) for SDXL micro-conditioning, first the chosen images then the rejected.
+    encoded: chosen and rejected hold VAE posteriors [B, 2C, h, w] from a latent cache
+    (:mod:`diffalign.latent_cache`) instead of pixels.
     """
 
     prompts: list[str]
@@ -56,6 +58,7 @@ class PairBatch:
     rejected: Tensor
     original_sizes: list[tuple[int, int]]
     crops_top_left: list[tuple[int, int]]
+    encoded: bool = False
 
 
 def _open_image(source: bytes | str | os.PathLike, where: str) -> Image.Image:

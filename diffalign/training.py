@@ -143,9 +143,10 @@ def sample_images(
 ) -> Tensor:
     """Deterministic samples (DDIM eta=0 / flow ODE) for fixed prompts and seed: [N, 3, H, W] in [0, 1]."""
     guidance = DEFAULT_GUIDANCE[policy.family] if guidance_scale is None else guidance_scale
-    cond = policy.encode_prompts(list(prompts), with_uncond=guidance != 1.0)
-    generator = torch.Generator().manual_seed(seed)
-    trajectory = policy.sample(cond, num_steps, guidance_scale=guidance, noise_level=0.0, generator=generator)
+    with policy.frozen_on_device():  # train.offload_frozen: text encoders and VAE back for the samples
+        cond = policy.encode_prompts(list(prompts), with_uncond=guidance != 1.0)
+        generator = torch.Generator().manual_seed(seed)
+        trajectory = policy.sample(cond, num_steps, guidance_scale=guidance, noise_level=0.0, generator=generator)
     return trajectory.images
 
 

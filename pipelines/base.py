@@ -87,6 +87,14 @@ class Conditioning:
         return dataclasses.replace(first, uncond=None, **changes)
 
 
+def sample_posterior(posterior: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One fp32 sample of the diagonal Gaussian whose parameters (mean, log-variance on the
+    channel axis) are ``posterior``: the draw diffusers' ``latent_dist.sample(generator)`` makes."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return DiagonalGaussianDistribution(posterior).sample(generator).float()
+
+
 @dataclass
 class Trajectory:
     """A batch of sampled denoising chains (x_T -> x_0 in ``num_steps`` steps).
@@ -210,6 +218,48 @@ class DiffusionPolicy(abc.ABC):
         if self.reference_adapter is not None:
             return adapter_only(self.denoiser, self.reference_adapter)
         return adapter_disabled(self.denoiser)
+
+    # --- the VAE posterior, for cached latents -----------------------------------------------
+
+    def vae_posterior(self, pixels: Tensor) -> Tensor:
+        """pixels [B, 3, H, W] in [-1, 1] -> the VAE encoder's posterior parameters [B, 2C, h, w]
+        (mean and log-variance, in the VAE's dtype). ``latents_from_posterior`` turns them into
+        exactly the latents ``encode_images`` gives, so a cache of these reproduces training on
+        images bit for bit while the VAE never runs again."""
+        return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
+
+    @abc.abstractmethod
+    def latents_from_posterior(self, posterior: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        ...
+
+    # --- frozen components off the accelerator --------------------------------------------
+
+    def frozen_components(self) -> list[torch.nn.Module]:
+        """The VAE and text encoders: what a run with cached latents and embeddings no longer needs."""
+        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+        return [m for m in (getattr(self.pipe, n, None) for n in names) if isinstance(m, torch.nn.Module)]
+
+    def offload_frozen(self) -> None:
+        """Move the VAE and text encoders to the CPU (``train.offload_frozen``); sample grids and
+        evaluations bring them back for their duration (:meth:`frozen_on_device`)."""
+        self._offload_device = self.device
+        for module in self.frozen_components():
+            module.to("cpu")
+
+    @contextlib.contextmanager
+    def frozen_on_device(self):
+        """The VAE and text encoders on the denoiser's device inside the block (a no-op unless offloaded)."""
+        device = getattr(self, "_offload_device", None)
+        if device is None or device.type == "cpu":
+            yield
+            return
+        for module in self.frozen_components():
+            module.to(device)
+        try:
+            yield
+        finally:
+            for module in self.frozen_components():
+                module.to("cpu")
 
     @abc.abstractmethod
     def default_resolution(self) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Conditioning, DiffusionPolicy
+from .base import Conditioning, DiffusionPolicy, sample_posterior
 from .samplers import flow_sde_step_with_logprob
 
 
@@ -81,7 +81,12 @@ class FluxPolicy(DiffusionPolicy):
 
     def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """pixels [B, 3, H, W] in [-1, 1] -> latents [B, C, h, w] (fp32, shifted and scaled)."""
-        z = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample(generator).float()
+        return self.latents_from_posterior(self.vae_posterior(pixels), generator)
+
+    def latents_from_posterior(self, posterior: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A sample of the VAE posterior ``posterior`` [B, 2C, h, w] (see :meth:`vae_posterior`),
+        shifted and scaled: the latents ``encode_images`` gives, with the same RNG draw."""
+        z = sample_posterior(posterior, generator)
         return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:

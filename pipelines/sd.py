@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .base import Conditioning, DiffusionPolicy
+from .base import Conditioning, DiffusionPolicy, sample_posterior
 from .samplers import ddim_step_with_logprob
 
 
@@ -76,8 +76,12 @@ class SDPolicy(DiffusionPolicy):
 
     def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """pixels [B, 3, H, W] in [-1, 1] -> latents [B, C, h, w] (fp32, scaled)."""
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return dist.sample(generator).float() * self.vae.config.scaling_factor
+        return self.latents_from_posterior(self.vae_posterior(pixels), generator)
+
+    def latents_from_posterior(self, posterior: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A sample of the VAE posterior whose parameters are ``posterior`` [B, 2C, h, w] (see
+        :meth:`vae_posterior`), scaled: the latents ``encode_images`` gives, with the same RNG draw."""
+        return sample_posterior(posterior, generator) * self.vae.config.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
         """latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (fp32, differentiable)."""
