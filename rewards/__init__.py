@@ -4,7 +4,7 @@
     scores = reward(images, prompts)                        # images [B, 3, H, W] in [0, 1] -> [B] float32
     p_a = reward.compare(images_a, images_b, prompts)       # P(a preferred), [B] in [0, 1]
 
-Registered: clip, aesthetic, pickscore, hpsv2, imagereward, vlm, ocr, geneval, brightness, saturation, target_color,
+Registered: clip, aesthetic, pickscore, hpsv2, imagereward, vlm, unifiedreward, ocr, geneval, brightness, saturation, target_color,
 jpeg_compressibility, jpeg_incompressibility, composite, shapes_geneval (the shapes world's
 verifiable reward), remote (a `diffalign serve-reward` server), openai_judge (a VLM judge behind
 any OpenAI-compatible chat endpoint). Model libraries (open_clip, transformers)

@@ -21,7 +21,7 @@ from diffalign.rewards.registry import _REGISTRY, format_reward_spec
 
 BUILTIN = ["aesthetic", "brightness", "clip", "composite", "geneval", "hpsv2", "imagereward", "jpeg_compressibility",
            "jpeg_incompressibility", "ocr", "openai_judge", "pickscore", "remote", "saturation", "shapes_geneval",
-           "target_color", "vlm"]
+           "target_color", "unifiedreward", "vlm"]
 
 
 def test_every_builtin_reward_is_registered_without_importing_model_libraries():
