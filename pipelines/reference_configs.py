@@ -134,3 +134,67 @@ def build_random_sdxl(device: str = "cpu", dtype=None):
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
     return pipe
+
+
+# black-forest-labs/FLUX.1-dev vae/config.json and stabilityai/stable-diffusion-3.5-medium
+# vae/config.json: the 16-channel autoencoder without quant convs, each with its shift and scale.
+FLOW_VAE = dict(SDXL_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
+FLUX_VAE_FACTORS = dict(shift_factor=0.1159, scaling_factor=0.3611)
+SD35_VAE_FACTORS = dict(shift_factor=0.0609, scaling_factor=1.5305)
+# google/t5-v1_1-xxl's encoder, the T5 of FLUX.1 and SD3.5.
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+              relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+
+
+def _finish(pipe, dtype):
+    import torch
+
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    return pipe
+
+
+def build_random_flux(device: str = "cpu", dtype=None):
+    """A FluxPipeline with FLUX.1-dev's architecture (transformer, VAE, CLIP-L, T5-XXL) and random
+    weights; the tokenizers are the tiny model's. For GPU benchmarks: nothing is downloaded."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from .tiny import build_tiny_pipeline
+
+    tiny = build_tiny_pipeline("tiny-flux")
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+        vae = AutoencoderKL(**{**FLOW_VAE, **FLUX_VAE_FACTORS})
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **CLIP_L_TEXT))
+        text_encoder_2 = T5EncoderModel(T5Config(**T5_XXL))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return _finish(FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tiny.tokenizer,
+                                text_encoder_2=text_encoder_2, tokenizer_2=tiny.tokenizer_2, transformer=transformer), dtype)
+
+
+def build_random_sd3(device: str = "cpu", dtype=None):
+    """A StableDiffusion3Pipeline with SD3.5 Medium's architecture (MMDiT, VAE, CLIP-L, CLIP-G,
+    T5-XXL) and random weights; the tokenizers are the tiny model's."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from .tiny import build_tiny_pipeline
+
+    tiny = build_tiny_pipeline("tiny-sd3")
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
+        vae = AutoencoderKL(**{**FLOW_VAE, **SD35_VAE_FACTORS})
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **CLIP_L_TEXT))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **CLIP_BIGG_TEXT))
+        text_encoder_3 = T5EncoderModel(T5Config(**T5_XXL))
+    return _finish(StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+        tokenizer=tiny.tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tiny.tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tiny.tokenizer_3, transformer=transformer), dtype)
