@@ -270,3 +270,78 @@ def self_npo_loss(
     loss = pseudo_huber(student_x0, teacher_x0, huber_c).mean()
     mse = per_sample_mse(student_x0.detach(), teacher_x0).mean()
     return loss, {"loss": loss.item(), "x0_mse": mse.item()}
+
+
+# --- DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117; reference NVlabs/DiffusionNFT) ------------
+
+
+def nft_optimality(advantages: Tensor, adv_clip_max: float) -> Tensor:
+    """DiffusionNFT's optimality probability r in [0, 1] from advantages [B]:
+
+        r = clip(clip(A, -m, m) / m / 2 + 1/2, 0, 1),   m = adv_clip_max
+
+    (A = 0 -> r = 1/2: the positive and negative terms weigh the same; A >= m -> r = 1.)
+    """
+    clipped = advantages.float().clamp(-adv_clip_max, adv_clip_max)
+    return (clipped / adv_clip_max / 2.0 + 0.5).clamp(0.0, 1.0)
+
+
+def diffusion_nft_loss(
+    x0_theta: Tensor,
+    x0_old: Tensor,
+    x0: Tensor,
+    advantages: Tensor,
+    beta: float,
+    adv_clip_max: float,
+    kl: Tensor | None = None,
+    kl_beta: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DiffusionNFT's negative-aware fine-tuning loss at one training timestep (paper eq. 9 with
+    the reference's adaptive weighting and scaling).
+
+    x0_theta, x0_old: [B, C, h, w] clean-latent predictions of the trained and the old (sampling)
+    model at the same x_t; x0: [B, C, h, w] the sampled clean latents; advantages: [B]. For a flow
+    model x0_pred = x_t - t v, so with v+ = beta v_theta + (1 - beta) v_old and
+    v- = (1 + beta) v_old - beta v_theta the implicit policies' predictions are (x0 is affine in
+    the velocity, as it is in epsilon and v for SD/SDXL):
+
+        x0+ = beta x0_theta + (1 - beta) x0_old
+        x0- = (1 + beta) x0_old - beta x0_theta
+        L±  = mean_chw((x0± - x0)^2) / sg(max(mean_chw|x0± - x0|, 1e-5))      (adaptive weight)
+        r   = nft_optimality(advantages, m)
+        policy = m * mean_B(r L+ + (1 - r) L-) / beta,    m = adv_clip_max
+        loss   = policy + kl_beta * mean_B(kl)
+
+    kl: optional [B] per-sample ||v_theta - v_ref||^2 to the reference (LoRA off). The weights are
+    computed in fp64 and detached, as in the reference. Metrics (detached 0-d tensors): policy_loss,
+    positive_loss, negative_loss (means of L+ and L-), r (mean), old_gap = mean((x0_theta - x0_old)^2),
+    kl_ref when given, loss.
+    """
+    dims = tuple(range(1, x0.ndim))
+    x0_theta, x0_old, x0 = x0_theta.float(), x0_old.float(), x0.float()
+    old = x0_old.detach()
+    positive = beta * x0_theta + (1.0 - beta) * old
+    negative = (1.0 + beta) * old - beta * x0_theta
+
+    def weighted_regression(prediction: Tensor) -> Tensor:
+        with torch.no_grad():
+            weight = (prediction.double() - x0.double()).abs().mean(dim=dims, keepdim=True).clamp(min=1e-5)
+        return ((prediction - x0) ** 2 / weight.float()).mean(dim=dims)
+
+    positive_loss, negative_loss = weighted_regression(positive), weighted_regression(negative)
+    r = nft_optimality(advantages.to(x0.device), adv_clip_max)
+    policy_loss = ((r * positive_loss + (1.0 - r) * negative_loss) / beta * adv_clip_max).mean()
+    loss = policy_loss
+    metrics = {
+        "policy_loss": policy_loss.detach(),
+        "positive_loss": positive_loss.detach().mean(),
+        "negative_loss": negative_loss.detach().mean(),
+        "r": r.mean(),
+        "old_gap": ((x0_theta.detach() - old) ** 2).mean(),
+    }
+    if kl is not None:
+        kl_mean = kl.float().mean()
+        loss = policy_loss + kl_beta * kl_mean
+        metrics["kl_ref"] = kl_mean.detach()
+    metrics["loss"] = loss.detach()
+    return loss, metrics

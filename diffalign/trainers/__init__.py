@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "d3po": "diffalign.trainers.d3po",
     "grpo": "diffalign.trainers.pref_grpo",
     "pref_grpo": "diffalign.trainers.pref_grpo",
+    "diffusion_nft": "diffalign.trainers.diffusion_nft",
 }
 
 for _module in sorted(set(METHODS.values())):
