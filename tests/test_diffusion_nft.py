@@ -15,9 +15,9 @@ from diffalign import lora
 from diffalign.config import LoraSettings, get_method, load_config
 from diffalign.errors import UserError
 from diffalign.losses import diffusion_nft_loss, nft_optimality
+from diffalign.pipelines.base import adapter_only
 from diffalign.trainers.diffusion_nft import (
     OLD_ADAPTER,
-    adapter_active,
     add_old_adapter,
     ema_toward,
     flow_dpm2_sample,
@@ -108,7 +108,7 @@ def test_old_adapter_is_a_second_peft_adapter_with_an_exact_ema():
     cond = policy.encode_prompts(["a red cube", "a dog"])
     with torch.no_grad():
         theta = policy.predict(x, 600.0, cond)
-        with adapter_active(policy.denoiser, OLD_ADAPTER):
+        with adapter_only(policy.denoiser, OLD_ADAPTER):
             before = policy.predict(x, 600.0, cond)
         with policy.reference():
             base = policy.predict(x, 600.0, cond)
@@ -119,7 +119,7 @@ def test_old_adapter_is_a_second_peft_adapter_with_an_exact_ema():
     ema_toward(old, trained, 0.25)
     assert all(torch.equal(old[k], expected[k]) for k in old)
     ema_toward(old, trained, 0.0)  # decay 0: a copy
-    with torch.no_grad(), adapter_active(policy.denoiser, OLD_ADAPTER):
+    with torch.no_grad(), adapter_only(policy.denoiser, OLD_ADAPTER):
         copied = policy.predict(x, 600.0, cond)
     torch.testing.assert_close(copied, theta, rtol=0, atol=1e-6)
 

@@ -18,7 +18,7 @@ Each round:
    ``kl_beta`` ||v_theta - v_ref||^2 to the reference (LoRA off).
 
 The **old policy** is a second LoRA adapter (``"old"``) on the same denoiser: peft holds both,
-and the sampler switches to it (:func:`adapter_active`); nothing is copied. At the start of
+and the sampler switches to it (``adapter_only``); nothing is copied. At the start of
 every round it moves toward the trained adapter, old <- d old + (1 - d) theta, with the
 reference's decay schedule d(step) (:func:`old_decay`); d(0) = 0, so the first round samples
 from the trained adapter itself, as the reference's initial copy does. The old adapter is part
@@ -41,10 +41,9 @@ micro-batches per optimizer step, each micro-batch trained on every one of its c
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
-from typing import Callable, ClassVar, Iterator, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -55,7 +54,7 @@ from diffalign.config import BaseRunConfig, register_method
 from diffalign.data import BUILTIN_PROMPTS, load_prompts
 from diffalign.errors import UserError
 from diffalign.losses import diffusion_nft_loss, per_sample_mse
-from diffalign.pipelines.base import Conditioning, DiffusionPolicy
+from diffalign.pipelines.base import Conditioning, DiffusionPolicy, adapter_only
 from diffalign.run import Run, TrainingState
 from diffalign.trainers.d3po import check_reward_spec, sampling_conditioning
 from diffalign.trainers.npo import forward_coefficients, predicted_x0
@@ -114,26 +113,6 @@ def add_old_adapter(denoiser: torch.nn.Module, adapter_name: str = OLD_ADAPTER) 
             param.data = trained[name].detach().clone().float()
             param.requires_grad_(False)
     return old
-
-
-@contextlib.contextmanager
-def adapter_active(denoiser: torch.nn.Module, adapter_name: str = OLD_ADAPTER) -> Iterator[None]:
-    """Run the denoiser with adapter ``adapter_name`` instead of the trained one; afterwards the
-    active adapters and every ``requires_grad`` flag are what they were (also on an exception)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
-    active = [list(layer.active_adapters) for layer in layers]
-    flags = [(p, p.requires_grad) for p in denoiser.parameters()]
-    for layer in layers:
-        layer.set_adapter(adapter_name)
-    try:
-        yield
-    finally:
-        for layer, names in zip(layers, active):
-            layer.set_adapter(names)
-        for param, flag in flags:
-            param.requires_grad_(flag)
 
 
 # --- the reference's sampler: multistep DPM-Solver++ (2M) for flow models -------------------------
@@ -259,7 +238,7 @@ class DiffusionNFTTrainer:
         noise = policy.initial_noise(total, size, size, generator, group_size=s.group_size if s.same_noise else 1)
         chunk = s.sample_batch_size or total
         latents = []
-        with adapter_active(policy.denoiser, OLD_ADAPTER):
+        with adapter_only(policy.denoiser, OLD_ADAPTER):
             for i in range(0, total, chunk):
                 part = cond.select(slice(i, i + chunk))
                 if s.solver == "dpm2":
@@ -283,7 +262,7 @@ class DiffusionNFTTrainer:
         s = self.settings
         x_t = policy.noise(x0, noise, t)
         a, sd, c, d = forward_coefficients(policy, t)
-        with torch.no_grad(), adapter_active(policy.denoiser, OLD_ADAPTER):
+        with torch.no_grad(), adapter_only(policy.denoiser, OLD_ADAPTER):
             out_old = policy.predict(x_t, t, cond)
         out = policy.predict(x_t, t, cond)
         kl = None
