@@ -155,6 +155,34 @@ def sample_grids(run_dir: Path) -> list[tuple[int, Path, list[str]]]:
     return sorted(grids, key=lambda item: item[0])
 
 
+MAX_GRIDS = 12  # grids shown: the first, the last and evenly spaced ones between
+MAX_GRID_SIDE = 512  # pixels; a 1024 px model's grids would make the page hundreds of MB
+
+
+def spread(items: list, limit: int) -> list:
+    """At most ``limit`` items: the first, the last and evenly spaced ones between."""
+    if len(items) <= limit:
+        return items
+    picks = sorted({round(i * (len(items) - 1) / (limit - 1)) for i in range(limit)})
+    return [items[i] for i in picks]
+
+
+def grid_thumbnail(path: Path) -> bytes:
+    """The grid's PNG bytes, scaled down (nearest neighbour, so pixel art stays crisp) to at most
+    ``MAX_GRID_SIDE`` pixels a side."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if max(image.size) <= MAX_GRID_SIDE:
+            return path.read_bytes()
+        scale = MAX_GRID_SIDE / max(image.size)
+        small = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                            Image.Resampling.BOX)
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
@@ -228,8 +256,8 @@ def build_report(run_dir: str | Path) -> str:
             listed = "".join(f"<li>{html.escape(p)}</li>" for p in prompts)
             parts.append(f"<p>Prompts, left to right and top to bottom:</p><ol>{listed}</ol>")
         parts.append("<div class='grids'>")
-        for step, path, _ in grids:
-            uri = _png_data_uri(path.read_bytes())
+        for step, path, _ in spread(grids, MAX_GRIDS):
+            uri = _png_data_uri(grid_thumbnail(path))
             parts.append(f"<figure><img class='grid' alt='samples at step {step}' src='{uri}'>"
                          f"<figcaption>step {step}</figcaption></figure>")
         parts.append("</div>")

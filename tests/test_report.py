@@ -118,3 +118,25 @@ def test_write_report_needs_a_folder(tmp_path, bad):
         target.write_text("")
     with pytest.raises(UserError, match="is not a run directory"):
         write_report(target)
+
+
+def test_many_large_grids_are_spread_and_scaled_down(tmp_path):
+    """30 grids of 1030 x 1030 px: the page shows 12 (steps 1, 30 and evenly spaced between), each
+    at most 512 px a side."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    _write_run(run_dir, [{"step": 1, "loss": 1.0}])
+    (run_dir / "samples").mkdir()
+    for step in range(1, 31):
+        Image.new("RGB", (1030, 1030), (step * 8, 0, 0)).save(run_dir / "samples" / f"step-{step:06d}.png")
+    text = build_report(run_dir)
+    steps = [int(s) for s in re.findall(r"<figcaption>step (\d+)</figcaption>", text)]
+    assert len(steps) == 12 and steps[0] == 1 and steps[-1] == 30 and steps == sorted(steps)
+    sizes = [Image.open(io.BytesIO(base64.b64decode(data))).size
+             for data in re.findall(r"class='grid' alt='[^']*' src='data:image/png;base64,([^']+)'", text)]
+    assert sizes == [(512, 512)] * 12
