@@ -92,12 +92,14 @@ def shapes_world() -> World:
     """The trained shapes world (diffalign.rewards.shapes_world): gold shapes_geneval, learned shapes_pref."""
     from diffalign.rewards import shapes_world as world
 
-    heldout = list(world.HELD_OUT_PROMPTS)
+    # the world's alignment split of its held-out prompts (train on one half, measure on the other)
+    train = list(getattr(world, "ALIGN_TRAIN_PROMPTS", world.TRAIN_PROMPTS))
+    heldout = list(getattr(world, "ALIGN_EVAL_PROMPTS", world.HELD_OUT_PROMPTS))
     step = max(1, len(heldout) // 8)
     return World(
         name="shapes", models={f: f"shapes-{f}" for f in ("sd", "sdxl", "flux", "sd3")},
         verifiable="shapes_geneval", learned="shapes_pref",
-        train_prompts=list(world.TRAIN_PROMPTS), heldout_prompts=heldout[::step][:8],
+        train_prompts=train, heldout_prompts=heldout[::step][:8],
         dpo_source="builtin:shapes", num_steps=10, recipes=True, budget=6000, quick_budget=2000,
     )  # fmt: skip
 
@@ -236,8 +238,8 @@ def steps_per_unit(cfg: dict) -> int:
 
 def _train(cfg: dict, counter: DenoiserCounter) -> tuple[float, float]:
     """Train ``cfg`` with the counter on; (wall s, peak MB). Evaluation is not training: the counter
-    and the clock pause in the trainer's own ``evaluate`` and in the guard's checks (which also
-    note the compute spent so far, for the curves)."""
+    and the clock pause in the guard's checks (which also note the compute spent so far, for the
+    curves), and the trainer's own start/end evaluation is skipped (evaluate_lora measures)."""
     from diffalign.config import get_method, load_config
     from diffalign.guard import RewardHackingGuard
 
@@ -257,10 +259,9 @@ def _train(cfg: dict, counter: DenoiserCounter) -> tuple[float, float]:
                     _COMPUTE_AT_CHECKS.append(counter.count)
         return wrapper
 
-    originals = [(RewardHackingGuard, "measure", True), (trainer_cls, "evaluate", False)]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in originals]
-    for owner, name, note in originals:
-        setattr(owner, name, paused(getattr(owner, name), note))
+    saved = [(RewardHackingGuard, "measure", RewardHackingGuard.measure), (trainer_cls, "evaluate", trainer_cls.evaluate)]
+    RewardHackingGuard.measure = paused(RewardHackingGuard.measure, True)
+    trainer_cls.evaluate = lambda self, *args, **kwargs: {}  # the guard's checks and evaluate_lora measure instead
     start = time.perf_counter()
     try:
         with PeakMemory() as memory:
@@ -334,6 +335,8 @@ def run_method(world: World, family: str, method: str, seeds: list[int], budget:
     probe = method_config(world, family, method, 0, 1, out / "calibrate", guard=False)
     unit = steps_per_unit(probe)
     probe["train"]["max_steps"] = unit
+    if method == "diffusion_dpo":  # a world's pairs are sampled from the base model once, then cached: not training
+        _train(probe, DenoiserCounter())  # a counter never entered counts nothing
     with DenoiserCounter() as counter:
         _train(probe, counter)
     per_step = counter.count / unit
