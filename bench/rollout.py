@@ -4,8 +4,8 @@ vs its bare denoiser passes.
 1. rollout  ``policy.encode_prompts`` + ``policy.sample`` (every transition recorded, its Gaussian
             log-probability computed, latents kept, images decoded) against the stock pipeline
             ``__call__`` for the same prompts, steps, batch, guidance and starting latents (SD/SDXL:
-            DDIM with the same eta; FLUX: the stock Euler ODE, ours the flow SDE with a = 0.7, so the
-            extra noise draws count against us). Goal: policy / stock <= 1.05.
+            DDIM with the same eta; FLUX and SD3: the stock Euler ODE, ours the flow SDE with a = 0.7,
+            so the extra noise draws count against us; SD3's CFG is the stock true CFG against ""). Goal: policy / stock <= 1.05.
 2. grpo     one GRPO update on a micro-batch, ``GRPOTrainer.grpo_step`` + backward on every sampler
             step of a recorded trajectory, against the bare passes it needs: the denoiser forward
             (with CFG when sampling used it) + backward of a plain loss at the same inputs, plus, with
@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny-sd", "tiny-sdxl", "tiny-flux"],
+    parser.add_argument("--models", nargs="+", default=["tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3"],
                         help="tiny-*, diffusers dirs / hub ids, or random-sdxl (SDXL base size, random weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -66,7 +66,7 @@ def bench_rollout(policy, args, prompts: list[str], guidance: float, noise_level
     pipe = policy.pipe
     size = policy.default_resolution()
     flux = policy.family == "flux"
-    if not flux:  # the stock call uses the same DDIM schedule the policy samples with
+    if policy.prediction_type != "flow":  # the stock call uses the same DDIM schedule the policy samples with
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     latents = policy.initial_noise(len(prompts), size, size, torch.Generator().manual_seed(0))
     stock_kwargs = dict(num_inference_steps=args.steps, height=size, width=size, output_type="pt")
@@ -75,6 +75,9 @@ def bench_rollout(policy, args, prompts: list[str], guidance: float, noise_level
                             latents=pipe._pack_latents(latents, *latents.shape))
         if guidance != 1.0:
             stock_kwargs.update(true_cfg_scale=guidance, negative_prompt=[""] * len(prompts))
+    elif policy.family == "sd3":  # its stock scheduler; guidance_scale is true CFG against ""
+        stock_kwargs.update(guidance_scale=guidance, max_sequence_length=policy.max_sequence_length,
+                            latents=latents.to(policy.dtype))
     else:
         stock_kwargs.update(guidance_scale=guidance, eta=noise_level, latents=latents.to(policy.dtype))
 
