@@ -4,7 +4,7 @@
     scores = reward(images, prompts)                        # images [B, 3, H, W] in [0, 1] -> [B] float32
     p_a = reward.compare(images_a, images_b, prompts)       # P(a preferred), [B] in [0, 1]
 
-Registered: clip, aesthetic, pickscore, hpsv2, imagereward, vlm, unifiedreward, ocr, geneval, brightness, saturation, target_color,
+Registered: clip, aesthetic, pickscore, hpsv2, hpsv3, imagereward, vlm, unifiedreward, ocr, geneval, brightness, saturation, target_color,
 jpeg_compressibility, jpeg_incompressibility, composite, shapes_geneval (the shapes world's
 verifiable reward), remote (a `diffalign serve-reward` server), openai_judge (a VLM judge behind
 any OpenAI-compatible chat endpoint). Model libraries (open_clip, transformers)
@@ -26,7 +26,7 @@ from .registry import (
 
 # Importing the scorer modules registers them; none of them imports a model library at module level.
 from . import aesthetic, clip, composite, hps, ocr, openai_judge, pickscore, remote, rules, shapes_geneval, vlm  # noqa: E402,F401  isort: skip
-from . import geneval, imagereward  # noqa: E402,F401  isort: skip
+from . import geneval, hpsv3, imagereward  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Reward",

@@ -10,6 +10,8 @@ exactly the code path of real weights:
     save_tiny_vlm(dir)             HF Qwen2.5-VL directory + its processor (save_pretrained)
     save_tiny_imagereward(dir)     ImageReward.pt (BLIP's key layout, plain state dict) + a BERT tokenizer
     save_tiny_geneval(dir)         HF Mask2Former (COCO's 80 classes, Swin backbone) + its image processor
+    save_tiny_hpsv3(dir)           HPSv3.safetensors (the reward model's state dict, transformers < 4.52 key
+                                   layout) + base/, a Qwen2-VL config + processor (save_pretrained)
 
 Tokenizers are built locally: the real 49,408-token CLIP BPE from the vocabulary file open_clip ships
 (token ids identical to open_clip's), and a byte-level BPE with Qwen's special tokens for the VLM.
@@ -36,7 +38,7 @@ TINY_SEED = 0
 TINY_VERSION = 1
 TINY_IMAGE_SIZE = 32  # the towers' input resolution; any image size works, it is resized
 TINY_EMBED_DIM = 768  # = ViT-L/14's, so the aesthetic head is the published 768-wide MLP
-TINY_REWARDS = ("clip", "aesthetic", "hpsv2", "pickscore", "vlm", "imagereward")
+TINY_REWARDS = ("clip", "aesthetic", "hpsv2", "pickscore", "vlm", "imagereward", "hpsv3")
 # Also built here, outside the device contract tests (transformers makes one Mask2Former parameter on the CPU).
 TINY_EXTRA_REWARDS = ("geneval",)
 
@@ -183,6 +185,55 @@ def save_tiny_imagereward(directory: str | os.PathLike, seed: int = TINY_SEED) -
     return out
 
 
+def save_tiny_hpsv3(directory: str | os.PathLike, seed: int = TINY_SEED) -> Path:
+    """Write ``base/`` (a tiny Qwen2-VL config, byte-level tokenizer, chat template, processor) and
+    ``HPSv3.safetensors``: Qwen2-VL + HPSv3's rm_head, embeddings one row longer for ``<|Reward|>``, in the
+    key layout of transformers < 4.52 (``model.layers.*``, ``visual.*``, ``lm_head``, ``rm_head.{0,3,5}``)."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
+
+    from .hpsv3 import hpsv3_head
+
+    out = Path(directory)
+    tokenizer = qwen_byte_tokenizer()
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    pixels = {"min_pixels": 28 * 28, "max_pixels": 56 * 56, "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    from transformers import Qwen2VLVideoProcessor
+
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=_QWEN_CHAT_TEMPLATE)
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in
+           ("image_pad", "video_pad", "vision_start", "vision_end", "endoftext", "im_end")}
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": len(tokenizer) + 1, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 2048, "tie_word_embeddings": False,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+                     "bos_token_id": ids["endoftext"], "eos_token_id": ids["im_end"], "pad_token_id": ids["endoftext"]},
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2},
+        image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"], tie_word_embeddings=False)
+    config.save_pretrained(out / "base")  # the base model's config as published (its vocabulary size is replaced)
+    processor.save_pretrained(out / "base")
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    head = hpsv3_head(32)
+    for layer in head:
+        if isinstance(layer, torch.nn.Linear):  # unit gain, so scores spread over a few units
+            torch.nn.init.normal_(layer.weight, std=2.0 / layer.in_features**0.5)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("model.language_model."):
+            key = "model." + key[len("model.language_model."):]
+        elif key.startswith("model.visual."):
+            key = key[len("model."):]
+        state[key] = value.clone().contiguous()
+    state |= {f"rm_head.{k}": v.contiguous() for k, v in head.state_dict().items()}
+    save_file(state, out / "HPSv3.safetensors")
+    return out
+
+
 TINY_GENEVAL_BIASED_CLASS = 16  # "dog": the tiny detector's class head favours it, so detections pass 0.3
 
 
@@ -260,6 +311,9 @@ def tiny_reward_options(name: str, cache_dir: str | os.PathLike | None = None) -
     if name == "geneval":
         return {"detector": str(_cached(root, "geneval", save_tiny_geneval)),
                 "clip_model": str(_cached(root, "open_clip", save_tiny_open_clip)), "clip_pretrained": None}
+    if name == "hpsv3":
+        folder = _cached(root, "hpsv3", save_tiny_hpsv3)
+        return {"checkpoint": str(folder / "HPSv3.safetensors"), "base": str(folder / "base"), "pixels": 28 * 28 * 4}
     if name == "imagereward":
         folder = _cached(root, "imagereward", save_tiny_imagereward)
         return {"checkpoint": str(folder / "ImageReward.pt"), "tokenizer": str(folder)}
