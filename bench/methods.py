@@ -52,6 +52,7 @@ METHOD_FAMILIES = {
     "pref_grpo": ("sd", "sdxl", "flux", "sd3"),
     "draft": ("sd", "sdxl", "flux", "sd3"),
     "adjoint_matching": ("sd", "sdxl", "flux", "sd3"),
+    "diffusion_nft": ("sd", "sdxl", "flux", "sd3"),
 }
 COLUMNS = [
     "family", "method", "trained on", "steps", "compute (fwd-eq)", "held-out verifiable", "learned",
@@ -192,7 +193,7 @@ def method_config(world: World, family: str, method: str, seed: int, max_steps: 
     if world.recipes and recipe.is_file():
         cfg = yaml.safe_load(recipe.read_text())
     else:
-        cfg = _generic_config(world, method)
+        cfg = _generic_config(world, method, family)
     cfg.update(method=method, model=world.models[family], seed=seed, output_dir=str(out))
     cfg.setdefault("train", {}).update(max_steps=max_steps, checkpoint_every=0)
     cfg.setdefault("logging", {}).update(sample_every=0, report=False, report_to=[])
@@ -203,7 +204,7 @@ def method_config(world: World, family: str, method: str, seed: int, max_steps: 
     return cfg
 
 
-def _generic_config(world: World, method: str) -> dict:
+def _generic_config(world: World, method: str, family: str) -> dict:
     steps, prompts, lr = world.num_steps, world.train_prompts, world.learning_rate
     train = {"learning_rate": lr, "batch_size": 2, "lr_scheduler": "constant"}
     base = {"lora": {"rank": 4}, "train": train}
@@ -215,6 +216,10 @@ def _generic_config(world: World, method: str) -> dict:
         train["batch_size"] = 4
         return {**base, method: {"reward": trained_reward(world, method), "prompts": prompts, "group_size": 4,
                                  "num_steps": steps, "clip_range": 0.2}}
+    if method == "diffusion_nft":
+        train["batch_size"] = 4
+        return {**base, "nft": {"reward": world.verifiable, "prompts": prompts, "group_size": 4,
+                                "num_steps": max(2, steps), "solver": "dpm2" if family in ("flux", "sd3") else "euler"}}
     if method == "draft":
         return {**base, "draft": {"reward": world.learned, "prompts": prompts, "num_steps": steps, "k": 1}}
     if method == "adjoint_matching":
@@ -225,7 +230,7 @@ def _generic_config(world: World, method: str) -> dict:
 
 def steps_per_unit(cfg: dict) -> int:
     """Optimizer steps that make one repeating unit of work (a GRPO round; else 1)."""
-    for key in ("grpo", "pref_grpo"):
+    for key in ("grpo", "pref_grpo", "nft"):
         if key in cfg:
             s, train = cfg[key], cfg["train"]
             per_step = train.get("batch_size", 1) * train.get("gradient_accumulation_steps", 1)
