@@ -227,9 +227,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_rewards(args: argparse.Namespace) -> int:
-    from diffalign.rewards import list_rewards
+    from diffalign.rewards.registry import describe_rewards
 
-    print("\n".join(list_rewards()))
+    rows = describe_rewards()
+    if args.names:
+        print("\n".join(row["name"] for row in rows))
+        return 0
+    columns = ("name", "differentiable", "weights")
+    widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in columns}
+    for row in [dict(zip(columns, columns))] + rows:
+        print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
     return 0
 
 
@@ -310,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="every config key of a method, with type, default and meaning")
     explain.add_argument("method")
     explain.set_defaults(func=_cmd_explain)
-    commands.add_parser("rewards", help="list registered rewards").set_defaults(func=_cmd_rewards)
+    rewards = commands.add_parser("rewards", help="list registered rewards: differentiable or not, and the weights each needs")
+    rewards.add_argument("--names", action="store_true", help="names only, one per line")
+    rewards.set_defaults(func=_cmd_rewards)
     return parser
 
 

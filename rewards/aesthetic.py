@@ -89,7 +89,8 @@ class AestheticScore(Reward):
         return self.embed(self.pixel_values(images))
 
 
-@register_reward("aesthetic", differentiable=True, uses_prompts=False)
+@register_reward("aesthetic", differentiable=True, uses_prompts=False,
+                 weights="download: openai ViT-L-14 (open_clip) + trl-lib/ddpo-aesthetic-predictor")
 def build_aesthetic(model: str = "ViT-L-14", pretrained: str | None = "openai", head: str = DEFAULT_HEAD,
                     batch_size: int = 16, device: str = "cpu", dtype: str = "float32", bt_scale: float = 1.0) -> Reward:
     """LAION aesthetic score. ``model``/``pretrained``: the CLIP backbone (see ``clip``); ``head``: the MLP

@@ -136,7 +136,7 @@ class OpenClipScore(Reward):
         return self.scale * (image_features * text_features).sum(dim=-1)
 
 
-@register_reward("clip", differentiable=True)
+@register_reward("clip", differentiable=True, weights="download: openai ViT-L-14 (open_clip)")
 def build_clip(model: str = "ViT-L-14", pretrained: str | None = "openai", scale: float = 100.0,
                batch_size: int = 16, device: str = "cpu", dtype: str = "float32", bt_scale: float = 1.0) -> Reward:
     """CLIP score ``scale * cos`` (open_clip). ``model``: architecture, ``hf-hub:`` id or local open_clip dir."""

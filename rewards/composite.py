@@ -91,7 +91,7 @@ class CompositeReward(Reward):
             self._stats[name] = [int(values["count"]), float(values["mean"]), float(values["m2"])]
 
 
-@register_reward("composite", differentiable=None, rest_into="weights")
+@register_reward("composite", differentiable=None, rest_into="weights", weights="those of its parts")
 def build_composite(weights: Mapping[str, float] | None = None, standardize: str | bool | None = "none",
                     eps: float = 1e-6, bt_scale: float = 1.0, device: str | None = None,
                     dtype: str | None = None, batch_size: int | None = None) -> Reward:

@@ -222,7 +222,8 @@ class GenEvalReward(Reward):
         return torch.tensor([score for score, _ in results], dtype=torch.float32, device=images.device)
 
 
-@register_reward("geneval", differentiable=False)
+@register_reward("geneval", differentiable=False,
+                 weights="download: facebook/mask2former-swin-small-coco-instance + openai ViT-L-14 (open_clip)")
 def build_geneval(metadata: str | None = None, detector: str = DEFAULT_DETECTOR, clip_model: str = "ViT-L-14",
                   clip_pretrained: str | None = "openai", partial: bool = False, batch_size: int = 8, device: str = "cpu",
                   dtype: str = "float32", bt_scale: float = 10.0) -> Reward:

@@ -22,7 +22,7 @@ from .weights import load_state_dict_file, resolve_device, resolve_dtype, resolv
 HPS_CHECKPOINTS = {"2.1": "xswu/HPSv2/HPS_v2.1_compressed.pt", "2.0": "xswu/HPSv2/HPS_v2_compressed.pt"}
 
 
-@register_reward("hpsv2", differentiable=True)
+@register_reward("hpsv2", differentiable=True, weights="download: xswu/HPSv2 (HPS_v2.1_compressed.pt)")
 def build_hpsv2(model: str = "ViT-H-14", checkpoint: str | None = None, version: str = "2.1", batch_size: int = 16,
                 device: str = "cpu", dtype: str = "float32", bt_scale: float = 100.0) -> Reward:
     """HPS v2.x. ``model``: open_clip architecture name or a local open_clip dir (its config is used);

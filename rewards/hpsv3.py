@@ -132,7 +132,7 @@ class HPSv3(Reward):
         return self.head(at_token.float())[:, 0]  # mu; [:, 1] is the uncertainty
 
 
-@register_reward("hpsv3", differentiable=False)
+@register_reward("hpsv3", differentiable=False, weights="download: MizzenAI/HPSv3 + Qwen/Qwen2-VL-7B-Instruct")
 def build_hpsv3(checkpoint: str = DEFAULT_CHECKPOINT, base: str = DEFAULT_BASE, pixels: int = IMAGE_PIXELS,
                 batch_size: int = 4, device: str = "cpu", dtype: str = "auto", bt_scale: float = 1.0) -> Reward:
     """HPSv3. ``checkpoint``: ``HPSv3.safetensors``, a local path or ``org/repo/filename``; ``base``: hub id

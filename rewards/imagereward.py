@@ -154,7 +154,7 @@ class ImageReward(Reward):
         return (raw - SCORE_MEAN) / SCORE_STD
 
 
-@register_reward("imagereward", differentiable=True)
+@register_reward("imagereward", differentiable=True, weights="download: THUDM/ImageReward + bert-base-uncased")
 def build_imagereward(checkpoint: str = DEFAULT_CHECKPOINT, tokenizer: str = DEFAULT_TOKENIZER, batch_size: int = 16,
                       device: str = "cpu", dtype: str = "float32", bt_scale: float = 1.0) -> Reward:
     """ImageReward v1.0. ``checkpoint``: ``ImageReward.pt``, a local path or ``org/repo/filename``;

@@ -79,7 +79,7 @@ class OCRReward(Reward):
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
 
-@register_reward("ocr", differentiable=False)
+@register_reward("ocr", differentiable=False, weights="bundled: PP-OCRv4 in rapidocr-onnxruntime (ocr extra)")
 def build_ocr(batch_size: int | None = None, threads: int = -1, drop_score: float = 0.5,
               device: str | None = None, bt_scale: float = 10.0) -> Reward:
     """PP-OCRv4 text-rendering reward in [0, 1]. ``threads``: onnxruntime threads per call (-1: its

@@ -198,7 +198,7 @@ def _png_base64(images: torch.Tensor) -> list[str]:
     return out
 
 
-@register_reward("openai_judge", differentiable=False)
+@register_reward("openai_judge", differentiable=False, weights="none here: the judge runs behind its endpoint")
 def build_openai_judge(url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
                        labels: Sequence[str] = ("A", "B"), score_range: Sequence[float] = (0, 10),
                        pointwise_question: str = POINTWISE_QUESTION, pairwise_question: str = PAIRWISE_QUESTION,

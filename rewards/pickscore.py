@@ -69,7 +69,8 @@ class PickScore(Reward):
         return self.embed(self.pixel_values(images), self.text_inputs(prompts, images.device))
 
 
-@register_reward("pickscore", differentiable=True)
+@register_reward("pickscore", differentiable=True,
+                 weights="download: yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K (processor)")
 def build_pickscore(model: str = DEFAULT_MODEL, processor: str | None = None, batch_size: int = 16,
                     device: str = "cpu", dtype: str = "float32", bt_scale: float = 1.0) -> Reward:
     """PickScore. ``model``: hub id or local HF directory; ``processor``: where the CLIP processor comes

@@ -40,6 +40,8 @@ class RewardEntry:
         rest_into: if set, option keys the factory does not know are gathered into this option
             (composite: ``{"pickscore": 1.0}`` becomes ``weights={"pickscore": 1.0}``).
         uses_prompts: False for rewards that ignore the prompt (aesthetic, rule-based).
+        weights: what the reward needs on disk, for ``diffalign rewards``: ``"none"``, ``"bundled ..."``
+            (ships with a package) or ``"download: <hub ids>"`` (the defaults; options point elsewhere).
     """
 
     name: str
@@ -48,6 +50,7 @@ class RewardEntry:
     options: tuple[str, ...] | None
     rest_into: str | None = None
     uses_prompts: bool = True
+    weights: str | None = None
 
 
 _REGISTRY: dict[str, RewardEntry] = {}
@@ -55,7 +58,8 @@ _SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def register_reward(
-    name: str, *, differentiable: bool | None = None, rest_into: str | None = None, uses_prompts: bool = True
+    name: str, *, differentiable: bool | None = None, rest_into: str | None = None, uses_prompts: bool = True,
+    weights: str | None = None,
 ) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
     """Register ``factory(**options) -> Reward`` under ``name``.
 
@@ -73,7 +77,7 @@ def register_reward(
         parameters = inspect.signature(factory).parameters.values()
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
         options = None if takes_any else tuple(p.name for p in parameters)
-        _REGISTRY[name] = RewardEntry(name, factory, differentiable, options, rest_into, uses_prompts)
+        _REGISTRY[name] = RewardEntry(name, factory, differentiable, options, rest_into, uses_prompts, weights)
         return factory
 
     return decorator
@@ -82,6 +86,19 @@ def register_reward(
 def list_rewards() -> list[str]:
     """The registered reward names, sorted."""
     return sorted(_REGISTRY)
+
+
+def describe_rewards() -> list[dict[str, str]]:
+    """One row per registered reward, sorted: name, differentiable (yes / no / depends), weights, summary
+    (the first line of the factory's docstring)."""
+    rows = []
+    for name in list_rewards():
+        entry = _REGISTRY[name]
+        grad = {True: "yes", False: "no", None: "depends"}[entry.differentiable]
+        doc = (inspect.getdoc(entry.factory) or "").strip().splitlines()
+        rows.append({"name": name, "differentiable": grad, "weights": entry.weights or "-",
+                     "summary": doc[0] if doc else ""})
+    return rows
 
 
 def get_reward_entry(name: str) -> RewardEntry:

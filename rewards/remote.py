@@ -272,7 +272,7 @@ def _detail(response: Any) -> str:
     return str(detail if detail is not None else response.text[:200]).replace("\n", " ")
 
 
-@register_reward("remote", differentiable=False)
+@register_reward("remote", differentiable=False, weights="none here: the serve-reward server loads them")
 def build_remote(url: str, encoding: str = "uint8", timeout: float = 120.0, retries: int = 3, backoff: float = 0.5,
                  request_size: int | None = None, concurrency: int = 4, bt_scale: float = 1.0) -> Reward:
     """A reward served by ``diffalign serve-reward`` at ``url`` (checked with its /health at build time)."""

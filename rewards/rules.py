@@ -69,19 +69,19 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 
-@register_reward("brightness", differentiable=True, uses_prompts=False)
+@register_reward("brightness", differentiable=True, uses_prompts=False, weights="none")
 def build_brightness(batch_size: int | None = None, bt_scale: float = 10.0, device: str | None = None) -> Reward:
     """Mean pixel value in [0, 1]."""
     return RuleReward("brightness", brightness, differentiable=True, batch_size=batch_size, bt_scale=bt_scale, device=device)
 
 
-@register_reward("saturation", differentiable=True, uses_prompts=False)
+@register_reward("saturation", differentiable=True, uses_prompts=False, weights="none")
 def build_saturation(batch_size: int | None = None, bt_scale: float = 10.0, device: str | None = None) -> Reward:
     """Mean HSV saturation in [0, 1]."""
     return RuleReward("saturation", saturation, differentiable=True, batch_size=batch_size, bt_scale=bt_scale, device=device)
 
 
-@register_reward("target_color", differentiable=True, uses_prompts=False)
+@register_reward("target_color", differentiable=True, uses_prompts=False, weights="none")
 def build_target_color(color: Sequence[float] | str = (1.0, 0.0, 0.0), batch_size: int | None = None,
                        bt_scale: float = 10.0, device: str | None = None) -> Reward:
     """Negative mean squared distance to ``color``: an RGB triple in [0, 1] or a hex string '#ff8800'."""
@@ -90,7 +90,7 @@ def build_target_color(color: Sequence[float] | str = (1.0, 0.0, 0.0), batch_siz
                       batch_size=batch_size, bt_scale=bt_scale, device=device)
 
 
-@register_reward("jpeg_compressibility", differentiable=False, uses_prompts=False)
+@register_reward("jpeg_compressibility", differentiable=False, uses_prompts=False, weights="none")
 def build_jpeg_compressibility(quality: int = 95, batch_size: int | None = None, bt_scale: float = 0.1,
                                device: str | None = None) -> Reward:
     """-(JPEG size in kB): higher for images that compress well (DDPO's compressibility task)."""
@@ -99,7 +99,7 @@ def build_jpeg_compressibility(quality: int = 95, batch_size: int | None = None,
                       batch_size=batch_size, bt_scale=bt_scale, device=device)
 
 
-@register_reward("jpeg_incompressibility", differentiable=False, uses_prompts=False)
+@register_reward("jpeg_incompressibility", differentiable=False, uses_prompts=False, weights="none")
 def build_jpeg_incompressibility(quality: int = 95, batch_size: int | None = None, bt_scale: float = 0.1,
                                  device: str | None = None) -> Reward:
     """+(JPEG size in kB): higher for detailed, hard-to-compress images (DDPO's incompressibility task)."""

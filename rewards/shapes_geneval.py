@@ -140,7 +140,7 @@ class ShapesGenEvalReward(Reward):
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
 
-@register_reward("shapes_geneval", differentiable=False)
+@register_reward("shapes_geneval", differentiable=False, weights="none")
 def build_shapes_geneval(partial: bool = False, batch_size: int | None = None) -> Reward:
     """GenEval's rules on the shapes world: 1 if every constraint of the caption holds (partial=true:
     the share met). Prompts must be in the world's grammar ('a red circle left of a square')."""

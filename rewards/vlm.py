@@ -174,7 +174,7 @@ class VLMJudge(Reward):
         return torch.cat(results).float()
 
 
-@register_reward("vlm", differentiable=False)
+@register_reward("vlm", differentiable=False, weights="download: Qwen/Qwen2.5-VL-7B-Instruct")
 def build_vlm(model: str = DEFAULT_MODEL, processor: str | None = None, labels: Sequence[str] = ("A", "B"),
               answers: Sequence[str] = ("Yes", "No"), pairwise_question: str = PAIRWISE_QUESTION,
               pointwise_question: str = POINTWISE_QUESTION, system_prompt: str | None = None,
@@ -358,7 +358,7 @@ def both_orders(values: list[float]) -> torch.Tensor:
     return (0.5 * (ordered + (1.0 - swapped))).float()
 
 
-@register_reward("unifiedreward", differentiable=False)
+@register_reward("unifiedreward", differentiable=False, weights="download: CodeGoat24/UnifiedReward-qwen-7b")
 def build_unifiedreward(model: str = UNIFIEDREWARD_MODEL, processor: str | None = None,
                         pairwise_question: str = UNIFIEDREWARD_PAIRWISE, pointwise_question: str = UNIFIEDREWARD_POINTWISE,
                         max_new_tokens: int = 512, max_off_format: float = 0.5, min_pixels: int | None = None,

@@ -224,3 +224,22 @@ def test_composite_bad_options():
         load_reward("composite", weights={"brightness": 1.0}, standardize="zscore")
     with pytest.raises(UserError, match="weight of 'brightness' must be a number"):
         load_reward({"composite": {"brightness": "high"}})
+
+
+def test_diffalign_rewards_lists_each_reward_its_gradient_and_weights(capsys):
+    from diffalign.cli import main
+    from diffalign.rewards.registry import describe_rewards
+
+    rows = {row["name"]: row for row in describe_rewards()}
+    assert list(rows) == list_rewards()
+    assert (rows["ocr"]["differentiable"], rows["ocr"]["weights"]) == ("no", "bundled: PP-OCRv4 in rapidocr-onnxruntime (ocr extra)")
+    assert (rows["imagereward"]["differentiable"], rows["imagereward"]["weights"]) == (
+        "yes", "download: THUDM/ImageReward + bert-base-uncased")
+    assert rows["composite"]["differentiable"] == "depends" and rows["brightness"]["weights"] == "none"
+    assert all(row["weights"] != "-" for name, row in rows.items() if name in BUILTIN)  # every built-in says
+    main(["rewards"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "differentiable", "weights"] and len(lines) == len(rows) + 1
+    assert any(line.split()[:3] == ["hpsv3", "no", "download:"] for line in lines)
+    main(["rewards", "--names"])
+    assert capsys.readouterr().out.split() == list_rewards()
