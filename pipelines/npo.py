@@ -232,7 +232,7 @@ def _wrap_batched_forward(denoiser: torch.nn.Module, state: _NPOState) -> None:
             if pipe is not None and state.loop_depth > 0:
                 _warn_inert(state, "use guidance_scale > 1")
             return forward(*args, **kwargs)
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs["sample" if "sample" in kwargs else "hidden_states"]  # UNet / SD3 transformer
         batch = sample.shape[0]
         if batch % 2:
             raise RuntimeError(f"NPO guidance expects an [uncond, cond] batch of even size, got {batch}")

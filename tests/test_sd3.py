@@ -138,3 +138,44 @@ def test_export_tiny_sd3_is_a_standard_diffusers_folder(tmp_path, capsys):
     assert "wrote tiny-sd3" in capsys.readouterr().out
     pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "tiny-sd3")
     assert type(pipe.transformer).__name__ == "SD3Transformer2DModel"
+
+
+def test_npo_guidance_on_sd3_routes_the_negative_prompt_branch_through_the_negative_lora(tmp_path):
+    """enable_npo on a stock StableDiffusion3Pipeline: the CFG batch [uncond, cond] is split, the
+    unconditional half runs with the negative LoRA, which equals guiding by hand with two models,
+    eps_neg(uncond) + w (eps_pos(cond) - eps_neg(uncond)); disable_npo restores the stock output."""
+    from diffalign.pipelines.loading import load_pipeline, policy_for
+    from diffalign.pipelines.npo import disable_npo, enable_npo
+
+    donor = load_policy("tiny-sd3")
+    add_lora(donor.denoiser, "sd3", LoraSettings(rank=4, alpha=8))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in lora_parameters(donor.denoiser).values():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+    negative_dir = save_lora(donor.pipe, donor.denoiser, tmp_path / "neg", extra_metadata={"negative": "true"})
+
+    pipe = load_pipeline("tiny-sd3")
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def stock_call():
+        with torch.no_grad():
+            return pipe("a red cube", guidance_scale=4.0, num_inference_steps=3, latents=latents.clone(),
+                        output_type="latent", **pipeline_call_defaults("tiny-sd3")).images
+
+    stock = stock_call()
+    enable_npo(pipe, negative_dir)
+    with_npo = stock_call()
+    positive, negative = policy_for(pipe, resolution=RES, max_sequence_length=32), donor
+    cond = positive.encode_prompts(["a red cube"], with_uncond=True)
+    timesteps, next_timesteps = positive.schedule(3, RES, RES)
+    x = latents.clone()
+    with torch.no_grad():
+        for t, t_next in zip(timesteps, next_timesteps):
+            eps_neg = negative.predict(x, t, cond.uncond)
+            eps = eps_neg + 4.0 * (positive.predict(x, t, cond) - eps_neg)
+            x = positive.step(eps, x, t, t_next, 0.0, timesteps)[0]
+    assert (with_npo - stock).abs().max() > 1e-2  # the negative LoRA changes the sample
+    torch.testing.assert_close(with_npo, x, rtol=0, atol=1e-5)
+    disable_npo(pipe)
+    assert torch.equal(stock_call(), stock)
