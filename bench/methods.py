@@ -283,7 +283,7 @@ _COMPUTE_AT_CHECKS: list[int] = []
 @torch.no_grad()
 def evaluate_lora(world: World, family: str, lora_dir: Path | None) -> dict[str, float]:
     """Held-out verifiable and learned reward, diversity and drift of a LoRA (None: the base)."""
-    from diffalign.guard import pairwise_diversity
+    from diffalign.guard import output_drift, pairwise_diversity
     from diffalign.lora import load_lora
     from diffalign.pipelines.loading import load_policy
     from diffalign.training import load_frozen_reward, sample_images
@@ -302,26 +302,8 @@ def evaluate_lora(world: World, family: str, lora_dir: Path | None) -> dict[str,
               "learned": learned(flat, prompts).float().mean().item(),
               "diversity": pairwise_diversity(images), "drift": 0.0}
     if lora_dir is not None:
-        result["drift"] = output_drift(policy, world)
+        result["drift"] = output_drift(policy, world.heldout_prompts, world.num_steps)
     return result
-
-
-def output_drift(policy, world: World) -> float:
-    """Mean squared difference of the denoiser outputs with and without the LoRA: the held-out
-    prompts, fixed noise, three timesteps of the sampler's schedule, no guidance."""
-    size = policy.default_resolution()
-    cond = policy.encode_prompts(list(world.heldout_prompts), with_uncond=False)
-    generator = torch.Generator().manual_seed(1234)
-    x = policy.initial_noise(len(world.heldout_prompts), size, size, generator)
-    timesteps, _ = policy.schedule(max(3, world.num_steps), size, size)
-    picks = [timesteps[i] for i in (0, len(timesteps) // 2, len(timesteps) - 1)]
-    total = 0.0
-    for t in picks:
-        tuned = policy.predict(x, t, cond, guidance_scale=1.0)
-        with policy.reference():
-            base = policy.predict(x, t, cond, guidance_scale=1.0)
-        total += (tuned - base).pow(2).mean().item()
-    return total / len(picks)
 
 
 @dataclass

@@ -146,6 +146,26 @@ def pairwise_diversity(images) -> float:
     return torch.stack(distances).mean().item()
 
 
+def output_drift(policy, prompts: list[str], num_steps: int, seed: int = 1234) -> float:
+    """Drift from the base: the mean squared difference of the denoiser outputs with and without
+    the LoRA, on ``prompts`` with fixed noise (``seed``) at the first, middle and last timestep of
+    a ``num_steps`` schedule, without guidance."""
+    import torch
+
+    size = policy.default_resolution()
+    with torch.no_grad():
+        cond = policy.encode_prompts(list(prompts), with_uncond=False)
+        x = policy.initial_noise(len(prompts), size, size, torch.Generator().manual_seed(seed))
+        timesteps, _ = policy.schedule(max(3, num_steps), size, size)
+        total = 0.0
+        for i in (0, len(timesteps) // 2, len(timesteps) - 1):
+            tuned = policy.predict(x, timesteps[i], cond, guidance_scale=1.0)
+            with policy.reference():
+                base = policy.predict(x, timesteps[i], cond, guidance_scale=1.0)
+            total += (tuned - base).float().pow(2).mean().item()
+    return total / 3
+
+
 # --- the guard of one run ---------------------------------------------------------------------
 
 
@@ -190,7 +210,8 @@ class RewardHackingGuard:
         self.check(start_step, train=None)
 
     def measure(self) -> tuple[float, float]:
-        """(mean held-out reward, diversity) of the eval prompts and seeds, with the current weights."""
+        """(mean held-out reward, diversity) of the eval prompts and seeds, with the current weights;
+        also sets ``self.drift`` (:func:`output_drift` on the eval prompts)."""
         import torch
 
         from diffalign.training import sample_images
@@ -202,6 +223,7 @@ class RewardHackingGuard:
                 images = sample_images(self.policy, e.prompts, e.seed + k, e.num_steps, e.guidance_scale).float()
                 scores.append(self.reward(images, list(e.prompts)).float().cpu())
                 per_seed.append(images.cpu())
+        self.drift = output_drift(self.policy, e.prompts, e.num_steps)
         return torch.cat(scores).mean().item(), pairwise_diversity(torch.stack(per_seed))
 
     def check(self, step: int, train: float | None) -> Verdict:
@@ -222,6 +244,7 @@ class RewardHackingGuard:
                   "guard/hacking": float(verdict.verdict == "hacking"), "guard/action": action}
         if check.diversity is not None:
             record["guard/diversity"] = check.diversity
+        record["guard/drift"] = self.drift
         if train is not None:
             record["guard/train_reward"] = train
         self.run.log(step, record)

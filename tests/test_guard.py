@@ -166,6 +166,7 @@ def test_guard_stops_the_hacking_run_and_keeps_the_best_lora(tmp_path, action):
     best = max(r["guard/heldout_reward"] for r in records)
     assert records[-1]["guard/heldout_reward"] < best - cfg.guard.tolerance  # the held-out one fell
     assert records[-1]["guard/best_step"] == 2
+    assert records[0]["guard/drift"] == 0.0 < records[1]["guard/drift"] < records[-1]["guard/drift"]  # B starts at 0
     assert info.value.final == run_dir / "final" and (run_dir / "last").is_dir()
     assert _heldout_of(run_dir / "final", cfg) == pytest.approx(best, abs=1e-6)
     assert "<td class='hacking'>hacking</td>" in (run_dir / "report.html").read_text()
