@@ -164,8 +164,8 @@ def test_dpm2_equals_diffusers_multistep_dpm_solver_and_beats_euler_on_a_gaussia
 # --- the trainer ---------------------------------------------------------------------------------------
 
 
-def _config(out, model: str = "tiny-sd3", train=None, resume=None, **nft):
-    return load_config({
+def _config(out, model: str = "tiny-sd3", train=None, resume=None, init_lora=None, **nft):
+    return load_config({"init_lora": init_lora,
         "method": "diffusion_nft", "model": model, "output_dir": str(out), "seed": 0, "lora": {"rank": 4}, "resume": resume,
         "nft": {"reward": "brightness", "group_size": 4, "prompts_per_round": 2, "num_steps": 4,
                 "prompts": ["a cat", "a dog"], "adv_clip_max": 1.0, "kl_beta": 0.0, **nft},
@@ -233,3 +233,22 @@ def test_epsilon_family_trains_with_the_euler_solver(tmp_path):
     assert any(("lora.up" in k or "lora_B" in k) and v.abs().max() > 0 for k, v in weights.items())
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) and r["old_gap"] >= 0 for r in rows)
+
+
+def test_init_lora_starts_both_the_trained_and_the_old_adapter_from_that_lora(tmp_path):
+    """init_lora (the shared add-LoRA path): the first round samples from the continued LoRA, i.e.
+    the old adapter saved at step 1 holds exactly that file's weights."""
+    from diffalign.pipelines.loading import load_policy
+
+    donor = load_policy("tiny-sd3")
+    lora.add_lora(donor.denoiser, "sd3", LoraSettings(rank=4))
+    with torch.no_grad():
+        for k, p in lora.lora_parameters(donor.denoiser).items():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(k))) * 0.1)
+    init = lora.save_lora(donor.pipe, donor.denoiser, tmp_path / "init", LoraSettings(rank=4))
+    cfg = _config(tmp_path / "run", train={"max_steps": 1, "checkpoint_every": 1}, init_lora=str(init))
+    get_method("diffusion_nft")[1](cfg).train()
+    extra = safetensors.torch.load_file(str(tmp_path / "run" / "checkpoints" / "step-1" / "extra.safetensors"))
+    saved = lora.lora_state_dict(donor.denoiser)
+    assert extra.keys() == {f"{OLD_ADAPTER}.{k}" for k in saved}
+    assert all(torch.equal(extra[f"{OLD_ADAPTER}.{k}"], v) for k, v in saved.items())
