@@ -1,5 +1,6 @@
 """Cached VAE latents and text embeddings for the methods that train on a fixed data set
-(``data.cache: memory | disk``): Diffusion-DPO, its SFT loss and Diffusion-NPO's DPO.
+(``data.cache: memory | disk``): Diffusion-DPO, its SFT loss, Diffusion-NPO's DPO and Self-NPO
+with image-caption data.
 
 Each pair's images are encoded once, before the first step; each distinct prompt (and the empty
 prompt) once. What is kept of an image is its **VAE posterior** (mean and log-variance, the
@@ -80,6 +81,13 @@ def data_fingerprint(pairs: Any) -> str:
                     digest.update(hashlib.sha1(path.read_bytes()).digest())
                 except OSError as err:
                     raise UserError(f"{row['_where']}: cannot read image {path} ({err.strerror})") from err
+    elif isinstance(getattr(pairs, "items", None), list):  # image-caption pairs (Self-NPO's ImageCaptions)
+        for path, caption in pairs.items:
+            digest.update(caption.encode())
+            try:
+                digest.update(hashlib.sha1(Path(path).read_bytes()).digest())
+            except OSError as err:
+                raise UserError(f"data.images: cannot read image {path} ({err.strerror})") from err
     elif isinstance(pairs, PickAPicPairs):
         digest.update(str(getattr(pairs.dataset, "_fingerprint", pairs.source)).encode())
         digest.update(json.dumps(pairs.indices).encode())
@@ -135,8 +143,9 @@ class PairCache:
         return PairBatch(prompts, torch.stack(chosen), torch.stack(rejected), sizes_c + sizes_r, crops_c + crops_r,
                          encoded=True)
 
-    def conditioning(self, prompts: Sequence[str], device: torch.device):
-        """``policy.encode_prompts(prompts)`` from the stored rows, on ``device``."""
+    def conditioning(self, prompts: Sequence[str], device: torch.device, with_uncond: bool = False):
+        """``policy.encode_prompts(prompts, with_uncond=...)`` from the stored rows, on ``device``
+        (the unconditional branch is the same row for every prompt: the pipeline's empty prompt)."""
         from diffalign.pipelines.base import _BATCHED_FIELDS, Conditioning
 
         rows = []
@@ -146,12 +155,25 @@ class PairCache:
                 raise UserError(f"data.cache {self.where}: prompt {prompt[:60]!r} is not in the cache; rebuild it "
                                 "(delete the folder) or set data.cache=none")
             rows.append(j)
-        fields = {f: torch.stack([self.get(f"prompt.{j}.{f}") for j in rows]).to(device)
-                  for f in _BATCHED_FIELDS if f in self.meta["fields"]}
+
+        def stacked(keys: list[str]) -> dict[str, Tensor]:
+            return {f: torch.stack([self.get(f"{key}.{f}") for key in keys]).to(device)
+                    for f in _BATCHED_FIELDS if f in self.meta["fields"]}
+
+        fields = stacked([f"prompt.{j}" for j in rows])
+        uncond = stacked(["prompt.uncond"] * len(rows)) if with_uncond else None
         text_ids = self.meta.get("text_ids")
-        if text_ids is not None:
-            fields["text_ids"] = torch.tensor(text_ids, dtype=torch.float32, device=device)
-        return Conditioning(**fields)
+        for branch in (fields, uncond):
+            if text_ids is not None and branch is not None:
+                branch["text_ids"] = torch.tensor(text_ids, dtype=torch.float32, device=device)
+        return Conditioning(**fields, uncond=None if uncond is None else Conditioning(**uncond))
+
+    def image(self, index: int, flip: bool) -> tuple[Tensor, str, tuple[int, int], tuple[int, int]]:
+        """Image-caption item ``index`` (see :func:`encode_captions`): (posterior [2C, h, w], prompt,
+        original size, crop top-left), as ``ImageCaptions.load`` gives pixels."""
+        info = self.meta["pairs"][index]
+        posterior = self.get(f"{index}.{'flip' if flip else 'plain'}.image")
+        return posterior, info["prompt"], tuple(info["sizes"][0]), tuple(info["crops"][0])
 
 
 def encode_pairs(policy, pairs: Any, resolution: int, random_flip: bool, autocast: Callable[[], Any],
@@ -182,23 +204,62 @@ def encode_pairs(policy, pairs: Any, resolution: int, random_flip: bool, autocas
                                       "crops": [batch.crops_top_left[k], batch.crops_top_left[n + k]]})
             bar.update(n)
         bar.close()
-        meta["prompts"] = list(prompts)
-        meta["fields"] = []
-        for start in range(0, len(meta["prompts"]), 32):
-            chunk = meta["prompts"][start : start + 32]
+    encode_prompt_table(policy, list(prompts), autocast, tensors, meta)
+    return tensors, meta
+
+
+def encode_captions(policy, images: Any, resolution: int, random_flip: bool, autocast: Callable[[], Any],
+                    show_progress: bool = True) -> tuple[dict[str, Tensor], dict]:
+    """Encode every image of an image-caption set (Self-NPO's ``data.images``; ``images.load(i,
+    resolution, flip)`` gives pixels) and its mirror with ``random_flip``, and every caption."""
+    from tqdm.auto import tqdm
+
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {"version": CACHE_VERSION, "count": len(images), "pairs": [], "random_flip": random_flip}
+    prompts: dict[str, None] = {}
+    views = (("plain", False), ("flip", True)) if random_flip else (("plain", False),)
+    with torch.no_grad():
+        for index in tqdm(range(len(images)), desc="caching latents", unit="image", disable=not show_progress,
+                          leave=False):
+            for view, flip in views:
+                pixels, prompt, size, crop = images.load(index, resolution, flip)
+                with autocast():
+                    tensors[f"{index}.{view}.image"] = policy.vae_posterior(pixels[None].to(policy.device))[0].cpu()
+            prompts.setdefault(prompt, None)
+            meta["pairs"].append({"prompt": prompt, "sizes": [size], "crops": [crop]})
+    encode_prompt_table(policy, list(prompts), autocast, tensors, meta)
+    return tensors, meta
+
+
+def encode_prompt_table(policy, prompts: list[str], autocast: Callable[[], Any], tensors: dict[str, Tensor],
+                        meta: dict) -> None:
+    """Add each prompt's conditioning rows (``prompt.{j}.{field}``) and the unconditional branch's
+    row (``prompt.uncond.{field}``) to ``tensors``; the prompt list and field names to ``meta``."""
+    meta["prompts"] = prompts
+    meta["fields"] = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), 32):
+            chunk = prompts[start : start + 32]
             with autocast():
-                cond = policy.encode_prompts(chunk)
-            for field in ("embeds", "pooled", "time_ids", "guidance"):
-                value = getattr(cond, field)
-                if value is None:
-                    continue
-                if field not in meta["fields"]:
-                    meta["fields"].append(field)
-                for k in range(len(chunk)):
-                    tensors[f"prompt.{start + k}.{field}"] = value[k].detach().cpu().contiguous()
+                cond = policy.encode_prompts(chunk, with_uncond=start == 0)
+            rows = {f"prompt.{start + k}": cond.select(slice(k, k + 1)) for k in range(len(chunk))}
+            if start == 0:
+                rows["prompt.uncond"] = cond.uncond.select(slice(0, 1))
+            for key, row in rows.items():
+                for field in ("embeds", "pooled", "time_ids", "guidance"):
+                    value = getattr(row, field)
+                    if value is None:
+                        continue
+                    if field not in meta["fields"]:
+                        meta["fields"].append(field)
+                    tensors[f"{key}.{field}"] = value[0].detach().cpu().contiguous()
             if cond.text_ids is not None:
                 meta["text_ids"] = cond.text_ids.detach().float().cpu().tolist()
-    return tensors, meta
+
+
+def _shard_of(key: str) -> str:
+    head = key.split(".", 1)[0]
+    return "prompts" if head == "prompt" else f"pairs-{int(head) // SHARD_PAIRS:05d}"
 
 
 def _write_disk_cache(folder: Path, tensors: dict[str, Tensor], meta: dict) -> None:
@@ -211,9 +272,7 @@ def _write_disk_cache(folder: Path, tensors: dict[str, Tensor], meta: dict) -> N
     try:
         shards: dict[str, dict[str, Tensor]] = {}
         for key, value in tensors.items():
-            head = key.split(".", 1)[0]
-            shard = "prompts" if head == "prompt" else f"pairs-{int(head) // SHARD_PAIRS:05d}"
-            shards.setdefault(shard, {})[key] = value
+            shards.setdefault(_shard_of(key), {})[key] = value
         for shard, part in shards.items():
             safetensors.torch.save_file(part, str(tmp / f"{shard}.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta))
@@ -234,9 +293,7 @@ def _open_disk_cache(folder: Path) -> PairCache:
         raise UserError(f"data.cache: the cache {folder} is unreadable ({err}); delete that folder to rebuild it") from err
 
     def get(key: str) -> Tensor:
-        head = key.split(".", 1)[0]
-        shard = "prompts" if head == "prompt" else f"pairs-{int(head) // SHARD_PAIRS:05d}"
-        return handles[shard].get_tensor(key)
+        return handles[_shard_of(key)].get_tensor(key)
 
     return PairCache(get, meta, str(folder))
 
@@ -246,23 +303,24 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DIFFALIGN_CACHE", Path.home() / ".cache" / "diffalign")) / "latents"
 
 
-def load_pair_cache(run, policy, cfg, pairs: Any, resolution: int) -> PairCache:
-    """The run's :class:`PairCache` for ``pairs`` (``cfg.data.cache``: memory or disk), built
-    (with a progress bar) or, on disk, reused when one with the same key exists."""
+def load_pair_cache(run, policy, cfg, pairs: Any, resolution: int, encode=encode_pairs, what: str = "pairs") -> PairCache:
+    """The run's :class:`PairCache` for ``pairs`` (``cfg.data.cache``: memory or disk), built by
+    ``encode`` (:func:`encode_pairs`, or :func:`encode_captions` for image-caption sets) with a
+    progress bar or, on disk, reused when one with the same key exists."""
     data = cfg.data
     autocast = run.accelerator.autocast
     if data.cache == "memory":
-        tensors, meta = encode_pairs(policy, pairs, resolution, data.random_flip, autocast, run.is_main)
+        tensors, meta = encode(policy, pairs, resolution, data.random_flip, autocast, run.is_main)
         cache = PairCache(tensors.__getitem__, meta, "in memory")
-        run.print(f"data.cache=memory: {len(pairs)} pairs and {len(meta['prompts'])} prompts encoded")
+        run.print(f"data.cache=memory: {len(pairs)} {what} and {len(meta['prompts'])} prompts encoded")
         return cache
     root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     folder = root / cache_key(policy, cfg.model, pairs, resolution, data.random_flip, policy.vae.dtype)
     with run.accelerator.main_process_first():
         if run.is_main and not (folder / "meta.json").is_file():
-            tensors, meta = encode_pairs(policy, pairs, resolution, data.random_flip, autocast)
+            tensors, meta = encode(policy, pairs, resolution, data.random_flip, autocast)
             _write_disk_cache(folder, tensors, meta)
-            run.print(f"data.cache=disk: wrote {len(pairs)} encoded pairs to {folder}")
+            run.print(f"data.cache=disk: wrote {len(pairs)} encoded {what} to {folder}")
         elif run.is_main:
             run.print(f"data.cache=disk: reusing {folder}")
     return _open_disk_cache(folder)

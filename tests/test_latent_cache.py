@@ -115,3 +115,38 @@ def test_the_key_follows_the_image_bytes(tmp_path):
     assert data_fingerprint(JsonlPairs(tmp_path / "pairs.jsonl")) == before
     Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "b.png")
     assert data_fingerprint(JsonlPairs(tmp_path / "pairs.jsonl")) != before
+
+
+@pytest.mark.parametrize("model,flip", [("tiny-sdxl", True), ("tiny-flux", False)])
+def test_self_npo_on_cached_images_gives_the_losses_of_images(tmp_path, model, flip):
+    """Self-NPO with data.images: the cached posteriors, captions and unconditional branch (SDXL's
+    zeros, FLUX's empty prompt) give the uncached run's losses."""
+    from PIL import Image
+
+    from diffalign.trainers.npo import SelfNPOTrainer
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200), (30, 200, 30)]):
+        Image.new("RGB", (40 + 8 * i, 32), colour).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a plain colour field {i}")
+
+    def run(name, cache):
+        cfg = load_config({
+            "method": "self_npo", "model": model, "output_dir": str(tmp_path / name), "seed": 0, "lora": {"rank": 4},
+            "data": {"images": str(images), "random_flip": flip, "cache": cache},
+            "self_npo": {"num_grid_steps": 3, "teacher_steps": 1},
+            "train": {"resolution": 32, "batch_size": 2, "max_steps": 3, "checkpoint_every": 0, "learning_rate": 1e-3},
+            "logging": {"sample_every": 0},
+        })
+        trainer = SelfNPOTrainer(cfg)
+        trainer.train()
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)], trainer
+
+    plain, _ = run("plain", "none")
+    cached, trainer = run("cached", "memory")
+    assert trainer.cache is not None and len(trainer.cache) == 3 and len(plain) == 3
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=2e-4, atol=1e-6)
+    with pytest.raises(UserError, match="with data.prompts .data-free. there is nothing to cache"):
+        load_config({"method": "self_npo", "model": model, "data": {"prompts": ["a"], "cache": "memory"}})

@@ -111,6 +111,12 @@ class SelfNPODataSettings(BaseModel):
         "or a folder of images each with a same-name .txt caption. Noised by the forward process.",
     )
     random_flip: bool = Field(False, description="Images: horizontal flip with p=0.5.")
+    cache: Literal["none", "memory", "disk"] = Field(
+        "none", description="data.images: encode every image (VAE posterior; with random_flip its mirror too) and "
+        "caption once before training and train from the cache (same losses). memory = in RAM on every process; "
+        "disk = safetensors shards under data.cache_dir, reused by later runs with the same model, data and resolution."
+    )
+    cache_dir: str | None = Field(None, description="Folder for data.cache=disk (default $DIFFALIGN_CACHE/latents).")
 
     @model_validator(mode="after")
     def _one_source(self) -> SelfNPODataSettings:
@@ -119,6 +125,8 @@ class SelfNPODataSettings(BaseModel):
                 "set exactly one of data.prompts (a prompt file or list) and data.images "
                 "(a .jsonl manifest or a folder of image + .txt caption pairs)"
             )
+        if self.cache != "none" and self.images is None:
+            raise ValueError("data.cache caches data.images; with data.prompts (data-free) there is nothing to cache")
         return self
 
 
@@ -257,6 +265,7 @@ class SelfNPOTrainer:
     def __init__(self, config: SelfNPOConfig, overwrite: bool = False) -> None:
         self.cfg = config
         self.overwrite = overwrite
+        self.cache = None  # a diffalign.latent_cache.PairCache of data.images when data.cache is set
 
     def negative_guidance(self, family: str) -> float:
         w = self.cfg.self_npo.guidance_scale
@@ -327,10 +336,14 @@ class SelfNPOTrainer:
         image-caption pairs, or None for prompts only. ``ema``: the teacher's LoRA weights (None:
         the current weights)."""
         size = policy.default_resolution()
-        cond = policy.encode_prompts(
-            prompts, with_uncond=True, height=size, width=size,
-            original_sizes=original_sizes, crops_top_left=crops_top_left,
-        )
+        if self.cache is not None:  # data.cache: stored rows, then the images' own sizes and crops
+            cond = self.cache.conditioning(prompts, policy.device, with_uncond=True)
+            cond = policy.with_image_sizes(cond, size, size, original_sizes, crops_top_left)
+        else:
+            cond = policy.encode_prompts(
+                prompts, with_uncond=True, height=size, width=size,
+                original_sizes=original_sizes, crops_top_left=crops_top_left,
+            )
         positions = torch.randint(0, len(grid), (len(prompts),), generator=generator).to(grid.device)
         x = self.start_latents(policy, grid, positions, cond, generator, x0)
         with lora_weights_swapped(policy.denoiser, ema) if ema is not None else contextlib.nullcontext():
@@ -363,6 +376,10 @@ class SelfNPOTrainer:
         start_step = run.restore(state)
         ema = {k: state.extra_tensors[f"ema.{k}"] for k in params}  # restored in place
         size = policy.default_resolution()
+        if cfg.data.cache != "none":
+            from diffalign.latent_cache import encode_captions, load_pair_cache
+
+            self.cache = load_pair_cache(run, policy, cfg, images, size, encode_captions, "images")
         grid, _ = policy.schedule(cfg.self_npo.num_grid_steps, size, size)
         w = self.negative_guidance(policy.family)
         dataset_size = len(images) if images is not None else len(prompts)
@@ -384,11 +401,14 @@ class SelfNPOTrainer:
                 x0, sizes, crops = None, None, None
                 if images is not None:
                     flips = (torch.rand(len(picks), generator=generator) < 0.5).tolist()
-                    rows = [images.load(i, size, cfg.data.random_flip and f) for i, f in zip(picks, flips)]
+                    load = self.cache.image if self.cache is not None else lambda i, f: images.load(i, size, f)
+                    rows = [load(i, cfg.data.random_flip and f) for i, f in zip(picks, flips)]
                     batch_prompts = [r[1] for r in rows]
                     sizes, crops = [r[2] for r in rows], [r[3] for r in rows]
                     with torch.no_grad():
-                        x0 = policy.encode_images(torch.stack([r[0] for r in rows]).to(policy.device), generator)
+                        stacked = torch.stack([r[0] for r in rows]).to(policy.device)
+                        x0 = (policy.latents_from_posterior(stacked, generator) if self.cache is not None
+                              else policy.encode_images(stacked, generator))
                 else:
                     batch_prompts = [prompts[i] for i in picks]
                 # 2. score: the EMA teacher's negatively guided x0 after a truncated chain, and
