@@ -26,6 +26,7 @@ from diffalign.errors import UserError
 from .base import Reward
 from .image_ops import to_uint8_hwc
 from .registry import register_reward
+from .weights import _first_line
 
 
 def ocr_target(prompt: str) -> str:
@@ -89,6 +90,9 @@ def build_ocr(batch_size: int | None = None, threads: int = -1, drop_score: floa
         from rapidocr_onnxruntime import RapidOCR
         import rapidfuzz  # noqa: F401  the edit distance; checked here so a missing extra fails at build time
     except ImportError as error:
+        if error.name is None and "lib" in str(error):  # OpenCV without its system libraries (libGL, glib)
+            raise UserError(f"reward 'ocr': OpenCV, which rapidocr uses, cannot load a system library "
+                            f"({_first_line(error)}); install it, e.g. apt-get install libgl1 libglib2.0-0") from error
         raise UserError(f"reward 'ocr' needs the ocr extra ({error.name} is missing); "
                         f"pip install 'diffalign[ocr]' (rapidocr-onnxruntime, rapidfuzz)") from error
     if not 0.0 <= float(drop_score) <= 1.0:

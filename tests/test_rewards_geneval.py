@@ -3,7 +3,7 @@ formats (save_pretrained / open_clip dir), feeding the shared GenEval rule evalu
 
 The tiny detector's class head is biased towards "dog" (class 16), so its detections score about 0.49:
 above GenEval's 0.3 threshold, below the 0.9 of counting prompts. Rule logic itself is tested in
-test_geneval_rules.py on synthetic detections.
+test_shapes_geneval_rules.py on synthetic detections.
 """
 
 from __future__ import annotations

@@ -75,3 +75,22 @@ def test_asking_for_a_gradient_is_a_user_error(ocr):
     assert ocr.differentiable is False
     with pytest.raises(UserError, match="not differentiable"):
         ocr(render("hi")[None].requires_grad_(), ['"hi"'])
+
+
+def test_opencv_without_its_system_library_is_named(monkeypatch):
+    """rapidocr imports OpenCV, which needs libGL.so.1: a machine without it gets the apt package to install."""
+    import importlib.abc
+
+    class NoLibGL(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "rapidocr_onnxruntime":
+                raise ImportError("libGL.so.1: cannot open shared object file: No such file or directory")
+            return None
+
+    monkeypatch.delitem(sys.modules, "rapidocr_onnxruntime", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [NoLibGL(), *sys.meta_path])
+    with pytest.raises(UserError) as error:
+        load_reward("ocr")
+    assert str(error.value) == ("reward 'ocr': OpenCV, which rapidocr uses, cannot load a system library "
+                                "(libGL.so.1: cannot open shared object file: No such file or directory); install it, "
+                                "e.g. apt-get install libgl1 libglib2.0-0")
