@@ -242,6 +242,8 @@ def _cmd_rewards(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description="Align text-to-image diffusion models with human preference.")
+    parser.add_argument("--verbose", action="store_true", help="also show the libraries' progress bars and logs "
+                        "(diffusers, transformers); may follow any command")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train from a YAML recipe")
@@ -324,8 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffalign.console import configure_output
+
+    # --verbose may stand anywhere (`diffalign train cfg.yaml --verbose`); set up the output first,
+    # before any library that prints is imported.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    configure_output(verbose)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args([word for word in argv if word != "--verbose"])
     # argparse stops collecting positional overrides at the first flag (e.g. after --dry-run);
     # `train` takes the remaining key=value words wherever they stand.
     if extra and args.command == "train" and not any(word.startswith("-") for word in extra):

@@ -60,6 +60,9 @@ def load_pipeline(
     """Load a stock diffusers pipeline for ``model`` (tiny name, local directory or hub id)."""
     from diffusers import DiffusionPipeline
 
+    from diffalign.console import quiet_libraries
+
+    quiet_libraries()  # no "Loading pipeline components" bars unless --verbose
     path = resolve_model_path(model)
     if model not in TINY_MODELS and os.path.isfile(path):
         raise UserError(
