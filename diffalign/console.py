@@ -62,3 +62,23 @@ def warn_once(message: str) -> None:
         return
     _warned.add(message)
     print(f"warning: {message}", file=sys.stderr)
+
+
+def run_summary_lines(out_dir, final, model: str, negative: bool = False, report: bool = True) -> list[str]:
+    """The end of a run's summary after the metrics and the final LoRA: the report, and how to
+    load the LoRA in stock diffusers (a tiny model is first written out as a diffusers folder)."""
+    from pathlib import Path
+
+    lines = []
+    if report and (Path(out_dir) / "report.html").is_file():
+        lines.append(f"report: {Path(out_dir) / 'report.html'}")
+    if negative:
+        return lines
+    source = model
+    if model.startswith("tiny-") and not os.path.isdir(model):
+        source = f"./{model}"
+        lines.append(f"stock diffusers (after `diffalign export-tiny {model} {source}`):")
+    else:
+        lines.append("stock diffusers:")
+    lines.append(f'  pipe = DiffusionPipeline.from_pretrained("{source}"); pipe.load_lora_weights("{final}")')
+    return lines

@@ -26,11 +26,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors
-import safetensors.torch
-import torch
-
 from diffalign.errors import UserError
+
+# torch and safetensors are imported where used, so that `diffalign --help` starts fast.
 
 TRAJECTORIES_FILE = "trajectories.safetensors"
 LABELS_FILE = "labels.jsonl"
@@ -42,7 +40,6 @@ SKIP_CHOICES = (None, "", "tie", "skip")
 # --- writing a round of pairs ---------------------------------------------------------------
 
 
-@torch.no_grad()
 def write_feedback_round(
     policy, cfg, out_dir: str | os.PathLike, num_pairs: int | None = None, seed: int | None = None,
     batch_size: int = 4, lora_dir: str | None = None,
@@ -50,6 +47,15 @@ def write_feedback_round(
     """Sample ``num_pairs`` pairs (prompts of ``cfg.d3po.prompts`` in order, cycled; default one
     pair per prompt) with the D3PO sampler settings of ``cfg`` and write them to ``out_dir``.
     Returns the labels file."""
+    import torch
+
+    with torch.no_grad():
+        return _write_feedback_round(policy, cfg, out_dir, num_pairs, seed, batch_size, lora_dir)
+
+
+def _write_feedback_round(policy, cfg, out_dir, num_pairs, seed, batch_size, lora_dir) -> Path:
+    import safetensors.torch
+    import torch
     from PIL import Image
 
     from diffalign.data import load_prompts
@@ -129,6 +135,9 @@ class LabelledPairs:
         from diffalign.pipelines.base import Trajectory
         from diffalign.trainers.d3po import sampling_conditioning
 
+        import safetensors
+        import torch
+
         rows = [self.rows[i] for i in indices]
         with safetensors.safe_open(str(self.trajectories), framework="pt") as f:
             latents = torch.cat([f.get_slice("latents")[r : r + 1] for r in rows])
@@ -175,6 +184,8 @@ def load_labelled_pairs(labels_path: str | os.PathLike, policy=None, model: str 
     trajectories = labels.parent / TRAJECTORIES_FILE
     if not trajectories.is_file():
         raise UserError(f"d3po.labels: {trajectories} not found next to {labels}; `diffalign sample` writes both")
+    import safetensors
+
     with safetensors.safe_open(str(trajectories), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
     if meta.get("format") != FORMAT:
@@ -231,7 +242,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="noise seed (default: the config's seed)")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs sampled at once")
     parser.add_argument("--lora", help="sample from this LoRA (e.g. the final/ of an earlier round)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing labels round in --out")
 
 
@@ -254,7 +265,10 @@ def run_sample(args: argparse.Namespace) -> int:
         if not args.overwrite:
             raise UserError(f"--out {out} already holds a labels round; pass --overwrite to replace it (labels are lost)")
         shutil.rmtree(out)
-    policy = load_policy(cfg.model, device=args.device, torch_dtype=WEIGHT_DTYPES[cfg.train.mixed_precision],
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    policy = load_policy(cfg.model, device=device, torch_dtype=WEIGHT_DTYPES[cfg.train.mixed_precision],
                          resolution=cfg.train.resolution)
     if args.lora:
         lora.load_lora(policy.denoiser, args.lora)

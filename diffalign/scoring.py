@@ -61,15 +61,17 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     """Run ``diffalign score``; returns the exit code. User mistakes raise :class:`UserError`."""
+    # 1. check everything cheap before loading any model (the images first: no torch import yet)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    read_rows(args, needs_prompts=False)
+
     import torch
     from tqdm import tqdm
 
     from diffalign.rewards import load_reward, parse_reward_spec, spec_uses_prompts
     from diffalign.rewards.registry import format_reward_spec, get_reward_entry
 
-    # 1. check everything cheap before loading any model
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     specs = [parse_reward_spec(spec) for spec in args.reward]
     columns = _reward_columns(specs, format_reward_spec)
     needs_prompts = any(spec_uses_prompts({name: options}) for name, options in specs)

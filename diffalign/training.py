@@ -16,6 +16,7 @@ from torch import Tensor
 
 from diffalign import lora
 from diffalign.config import BaseRunConfig, TrainSettings
+from diffalign.console import run_summary_lines
 from diffalign.errors import UserError
 from diffalign.files import is_disk_full
 from diffalign.guard import finish_guard, guard_for
@@ -288,6 +289,9 @@ def finish_run(
     final = save_final_lora(run, policy, cfg, extra_metadata)
     run.print(f"final LoRA: {final}")
     run.finish()
+    negative = (extra_metadata or {}).get("negative") == "true"
+    for line in run_summary_lines(run.out_dir, final, cfg.model, negative, cfg.logging.report):
+        run.print(line)
     return final
 
 
