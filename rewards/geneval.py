@@ -172,15 +172,16 @@ class GenEvalReward(Reward):
     # ------------------------------------------------------------------ colours
     def color_classifier(self, class_name: str) -> torch.Tensor:
         """[D, 10] unit text embeddings, one per colour, averaged over GenEval's three templates (cached)."""
-        if class_name not in self._color_classifiers:
+        key = f"{class_name}@{self.device}"  # the cache follows the reward across .to(device)
+        if key not in self._color_classifiers:
             columns = []
             with torch.no_grad():
                 for color in GENEVAL_COLORS:
                     texts = [t.format(c=color, cls=class_name) for t in COLOR_TEMPLATES]
                     embeds = F.normalize(self.clip.encode_text(self.clip_tokenizer(texts).to(self.device)).float(), dim=-1)
                     columns.append(F.normalize(embeds.mean(0), dim=-1))
-            self._color_classifiers[class_name] = torch.stack(columns, dim=1)
-        return self._color_classifiers[class_name]
+            self._color_classifiers[key] = torch.stack(columns, dim=1)
+        return self._color_classifiers[key]
 
     def object_crops(self, image: torch.Tensor, detections: list[Detection]) -> torch.Tensor:
         """GenEval's colour input: the mask over a #999 canvas, cropped to the box, CLIP-preprocessed. -> [n, 3, S, S]"""
