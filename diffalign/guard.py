@@ -270,11 +270,12 @@ class RewardHackingGuard:
 
         if self.settings.action == "rollback" or self.settings.keep_best:
             self.restore_best(step)
-        final = save_final_lora(self.run, self.policy, self.cfg, negative_metadata(self.cfg))
+        save_final_lora(self.run, self.policy, self.cfg, negative_metadata(self.cfg))
+        self.run.finish()  # after --overwrite, this moves the run folder into place: name final/ after it
+        final = self.run.out_dir / "final"
         message = (f"stopped by the reward-hacking guard at step {step} (guard.action={self.settings.action}): "
                    f"{verdict.reason}; {final} holds the LoRA of step {self.final_step(step)}")
-        self.run.print(message)
-        self.run.finish()
+        self.run.accelerator.print(message)
         raise GuardStopped(message, step, final)
 
     def final_step(self, step: int) -> int:

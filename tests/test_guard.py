@@ -125,12 +125,12 @@ def test_guard_is_on_with_an_eval_reward_and_enabled_needs_one(tmp_path):
 # --- real tiny runs: brightness hacked against held-out saturation --------------------------------
 
 
-def _train(cfg_dict):
+def _train(cfg_dict, overwrite: bool = False):
     from diffalign.config import get_method, load_config
 
     cfg = load_config(cfg_dict)
     _, trainer_cls = get_method(cfg.method)
-    return cfg, trainer_cls(cfg).train
+    return cfg, trainer_cls(cfg, overwrite=overwrite).train
 
 
 def _guard_records(run_dir) -> list[dict]:
@@ -154,7 +154,9 @@ def _heldout_of(lora_dir, cfg) -> float:
 def test_guard_stops_the_hacking_run_and_keeps_the_best_lora(tmp_path, action):
     """lr 1e-2 on brightness lowers saturation: the guard calls it hacking at step 6 and stops
     (of 8). final/ holds the LoRA of the best held-out check, whose saturation is the best seen."""
-    cfg, train = _train(_config(tmp_path, action=action, keep_best=action == "stop"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("method: draft\n")  # an older run that --overwrite replaces
+    cfg, train = _train(_config(tmp_path, action=action, keep_best=action == "stop"), overwrite=True)
     with pytest.raises(GuardStopped) as info:
         train()
     run_dir = tmp_path / "run"
@@ -168,6 +170,7 @@ def test_guard_stops_the_hacking_run_and_keeps_the_best_lora(tmp_path, action):
     assert records[-1]["guard/best_step"] == 2
     assert records[0]["guard/drift"] == 0.0 < records[1]["guard/drift"] < records[-1]["guard/drift"]  # B starts at 0
     assert info.value.final == run_dir / "final" and (run_dir / "last").is_dir()
+    assert not list(tmp_path.glob(".run*"))  # the --overwrite staging folder was moved into place
     assert _heldout_of(run_dir / "final", cfg) == pytest.approx(best, abs=1e-6)
     assert "<td class='hacking'>hacking</td>" in (run_dir / "report.html").read_text()
 
