@@ -61,7 +61,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.npo and is_flux and args.true_cfg_scale is None:
         raise UserError("--npo on FLUX acts through true CFG's negative pass: add --true-cfg-scale (e.g. 4.0)")
     if args.true_cfg_scale is not None and not is_flux:
-        raise UserError("--true-cfg-scale is for FLUX pipelines; SD/SDXL use --guidance-scale")
+        raise UserError("--true-cfg-scale is for FLUX pipelines; SD/SDXL/SD3 use --guidance-scale (SD3: true CFG already)")
     pipe.to(args.device)
     if args.lora:
         _load_lora_for_generate(pipe, args.lora)

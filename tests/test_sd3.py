@@ -138,6 +138,11 @@ def test_export_tiny_sd3_is_a_standard_diffusers_folder(tmp_path, capsys):
     assert "wrote tiny-sd3" in capsys.readouterr().out
     pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "tiny-sd3")
     assert type(pipe.transformer).__name__ == "SD3Transformer2DModel"
+    from PIL import Image
+
+    out = tmp_path / "cat.png"
+    assert main(["generate", "--model", "tiny-sd3", "--prompt", "a red cat", "--steps", "2", "--out", str(out)]) == 0
+    assert Image.open(out).size == (RES, RES)
 
 
 def test_npo_guidance_on_sd3_routes_the_negative_prompt_branch_through_the_negative_lora(tmp_path):
