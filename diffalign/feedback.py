@@ -20,6 +20,7 @@ is an error that names it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -59,9 +60,11 @@ def _write_feedback_round(policy, cfg, out_dir, num_pairs, seed, batch_size, lor
     from PIL import Image
 
     from diffalign.data import load_prompts
-    from diffalign.trainers.d3po import D3POTrainer
+    from diffalign.sampling import guidance_or_default, noise_level_or_default, sample_pairs
 
-    trainer = D3POTrainer(cfg)
+    d = cfg.d3po
+    guidance = guidance_or_default(d.guidance_scale, policy.family)
+    noise_level = noise_level_or_default(d.noise_level, policy.family)
     prompts = load_prompts(cfg.d3po.prompts, key="d3po.prompts")
     num_pairs = num_pairs or len(prompts)
     seed = cfg.seed if seed is None else seed
@@ -74,7 +77,7 @@ def _write_feedback_round(policy, cfg, out_dir, num_pairs, seed, batch_size, lor
     (out / "images").mkdir(parents=True, exist_ok=True)
     for start in range(0, num_pairs, batch_size):
         chunk = pair_prompts[start : start + batch_size]
-        trajectory = trainer.sample_pairs(policy, chunk, generator)
+        trajectory = sample_pairs(policy, chunk, generator, d.num_steps, guidance, noise_level, d.negative_prompt)
         latents.append(trajectory.latents.view(len(chunk), 2, *trajectory.latents.shape[1:]).cpu())
         log_probs.append(trajectory.log_probs.view(len(chunk), 2, -1).cpu())
         timesteps, next_timesteps = trajectory.timesteps.cpu(), trajectory.next_timesteps.cpu()
@@ -86,9 +89,10 @@ def _write_feedback_round(policy, cfg, out_dir, num_pairs, seed, batch_size, lor
     size = policy.default_resolution()
     meta = {
         "format": FORMAT, "version": 1, "model": cfg.model, "family": policy.family,
-        "num_steps": cfg.d3po.num_steps, "guidance_scale": trainer.guidance(policy),
-        "noise_level": trainer.noise_level(policy), "negative_prompt": cfg.d3po.negative_prompt,
+        "num_steps": d.num_steps, "guidance_scale": guidance,
+        "noise_level": noise_level, "negative_prompt": cfg.d3po.negative_prompt,
         "height": size, "width": size, "seed": seed, "lora": lora_dir,
+        "lora_sha256": lora_fingerprint(lora_dir),
         "pair_ids": pair_ids, "prompts": pair_prompts,
     }
     tensors = {
@@ -133,7 +137,7 @@ class LabelledPairs:
         """(trajectory of 2B chains, pairs adjacent, winner [B]) for labelled pairs ``indices``;
         the prompts are re-encoded with the sampling-time guidance settings."""
         from diffalign.pipelines.base import Trajectory
-        from diffalign.trainers.d3po import sampling_conditioning
+        from diffalign.sampling import sampling_conditioning
 
         import safetensors
         import torch
@@ -171,12 +175,29 @@ def _choice(value, where: str, pair_id: str) -> int | None:
     )
 
 
-def load_labelled_pairs(labels_path: str | os.PathLike, policy=None, model: str | None = None) -> LabelledPairs:
+def lora_fingerprint(lora_dir: str | os.PathLike | None) -> str | None:
+    """sha256 of a LoRA's weights file (None for none): which LoRA sampled a round of pairs."""
+    if lora_dir is None:
+        return None
+    from diffalign.lora import LORA_WEIGHT_NAME
+
+    path = Path(lora_dir)
+    path = path / LORA_WEIGHT_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"no LoRA at {lora_dir}: expected {LORA_WEIGHT_NAME} (written by diffalign train)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_labelled_pairs(
+    labels_path: str | os.PathLike, policy=None, model: str | None = None, init_lora: str | None = None,
+) -> LabelledPairs:
     """Read ``labels.jsonl`` and the ``trajectories.safetensors`` next to it.
 
     Every mistake is a one-line UserError naming the file, line and pair: a missing file, a
-    pair id the trajectories do not hold, a bad choice, a duplicate pair, no usable label, or
-    pairs sampled from another model than ``model``.
+    pair id the trajectories do not hold, a bad choice, a duplicate pair, no usable label,
+    pairs sampled from another model than ``model``, or from another LoRA than the run's
+    ``init_lora`` (D3PO trains the model that sampled the pairs: ``diffalign sample --lora X``
+    pairs need ``init_lora: X``, base-model pairs no init_lora).
     """
     labels = Path(labels_path)
     if not labels.is_file():
@@ -194,6 +215,18 @@ def load_labelled_pairs(labels_path: str | os.PathLike, policy=None, model: str 
         raise UserError(
             f"d3po.labels: the pairs in {labels.parent} were sampled from model {meta['model']!r}, but model is "
             f"{model!r}; train the model they came from or sample new pairs"
+        )
+    sampled_with = meta.get("lora")
+    if lora_fingerprint(init_lora) != meta.get("lora_sha256"):
+        if sampled_with:
+            raise UserError(
+                f"d3po.labels: the pairs in {labels.parent} were sampled from {meta['model']} + LoRA {sampled_with}; "
+                f"set init_lora={sampled_with} so D3PO trains the model that sampled them"
+                + (f" (init_lora={init_lora} is another LoRA)" if init_lora else "")
+            )
+        raise UserError(
+            f"d3po.labels: the pairs in {labels.parent} were sampled from the base model {meta['model']}, but "
+            f"init_lora={init_lora}; drop init_lora or sample new pairs with `diffalign sample ... --lora {init_lora}`"
         )
     if policy is not None and meta["family"] != policy.family:
         raise UserError(f"d3po.labels: pairs from a {meta['family']} model cannot train a {policy.family} model")
@@ -241,7 +274,8 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-pairs", type=int, help="pairs to sample (default: one per prompt)")
     parser.add_argument("--seed", type=int, help="noise seed (default: the config's seed)")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs sampled at once")
-    parser.add_argument("--lora", help="sample from this LoRA (e.g. the final/ of an earlier round)")
+    parser.add_argument("--lora", help="sample from this LoRA (e.g. the final/ of an earlier round; default: the "
+                        "recipe's init_lora); train on the labels with init_lora set to it")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing labels round in --out")
 
@@ -270,10 +304,12 @@ def run_sample(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy = load_policy(cfg.model, device=device, torch_dtype=WEIGHT_DTYPES[cfg.train.mixed_precision],
                          resolution=cfg.train.resolution)
-    if args.lora:
-        lora.load_lora(policy.denoiser, args.lora)
-    labels = write_feedback_round(policy, cfg, out, args.num_pairs, args.seed, args.batch_size, args.lora)
+    lora_dir = args.lora or cfg.init_lora  # the recipe's init_lora samples too, unless --lora names another
+    if lora_dir:
+        lora.load_lora(policy.denoiser, lora_dir)
+    labels = write_feedback_round(policy, cfg, out, args.num_pairs, args.seed, args.batch_size, lora_dir)
     count = sum(1 for line in labels.read_text().splitlines() if line.strip())
     print(f"wrote {count} pairs to {out}: images in {out / 'images'}, labels to fill in {labels}")
-    print(f'set "choice" to 0 or 1 (the preferred image; "tie" or null skips), then train with d3po.labels={labels}')
+    print(f'set "choice" to 0 or 1 (the preferred image; "tie" or null skips), then train with d3po.reward=null '
+          f"d3po.labels={labels}" + (f" init_lora={lora_dir}" if lora_dir else ""))
     return 0

@@ -85,6 +85,41 @@ def test_preference_from_scores_higher_wins_ties_skipped_and_npo_inverts():
     assert neg_winner.tolist()[:2] == [0, 1] and neg_valid.tolist() == valid.tolist()
 
 
+def test_pareto_preference_over_several_rewards():
+    """Rewards (K = 2) per image, as the official D3PO compare() (yk7333/d3po,
+    scripts/train_with_rm.py): an image wins when it is >= on every reward and > on one.
+      pair 0: a = (30, 10), b = (20, 8)   -> a dominates: winner 0
+      pair 1: a = (30, 10), b = (40, 4)   -> neither dominates: skipped
+      pair 2: a = (1, 2),   b = (1, 3)    -> b >= a everywhere, > on reward 1: winner 1
+      pair 3: a = (5, 5),   b = (5, 5)    -> equal: skipped
+    Negative (NPO) flips the winners of the valid pairs; the single-reward rule is K = 1."""
+    scores = torch.tensor([[[30.0, 10.0], [20.0, 8.0]], [[30.0, 10.0], [40.0, 4.0]],
+                           [[1.0, 2.0], [1.0, 3.0]], [[5.0, 5.0], [5.0, 5.0]]])
+    winner, valid = preference_from_scores(scores)
+    assert valid.tolist() == [True, False, True, False]
+    assert winner[valid].tolist() == [0, 1]
+    neg_winner, neg_valid = preference_from_scores(scores, negative=True)
+    assert neg_valid.tolist() == valid.tolist() and neg_winner[valid].tolist() == [1, 0]
+    one = preference_from_scores(scores[..., :1])
+    assert one[1].tolist() == [True, True, False, False] and one[0][:2].tolist() == [0, 1]
+
+
+def test_d3po_trains_on_a_pareto_vector_of_rewards(tmp_path):
+    """d3po.reward as a list: both rewards score both images of a pair; pairs where neither
+    image dominates (brighter but less saturated) are skipped and counted in tie_frac; each
+    reward's mean is logged. A bad spec in the list names its index."""
+    out, records = _train(tmp_path, "tiny-sd", steps=2, lr=1e-2, batch=4,
+                          d3po={"reward": ["brightness", "saturation"], "num_steps": 2})
+    train = [r for r in records if "loss" in r or "pairs" in r]
+    assert len(train) == 2
+    assert all("reward/brightness" in r and "reward/saturation" in r for r in train)
+    assert all(0 <= r["pairs"] <= 4 and r["tie_frac"] == pytest.approx(1 - r["pairs"] / 4) for r in train)
+    from diffalign.config import load_config
+
+    with pytest.raises(UserError, match=r"d3po.reward\[1\]"):
+        load_config({"method": "d3po", "d3po": {"reward": ["brightness", "no_such_reward"]}})
+
+
 def test_pair_log_probs_picks_winner_and_loser():
     logp = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
     w, l = pair_log_probs(logp, torch.tensor([1, 0]))
@@ -369,3 +404,40 @@ def _two_process_worker(out: Path, mode: str, labels: str | None = None) -> None
 
 if __name__ == "__main__":
     _two_process_worker(Path(sys.argv[1]), *sys.argv[2:])
+
+
+def test_human_labels_sampled_with_a_lora_train_that_model(tmp_path):
+    """``diffalign sample --lora X`` pairs train base + X (init_lora: X): without it, or with
+    another LoRA, loading the labels is a one-line error naming the fix; base-model pairs refuse
+    an init_lora. With init_lora X and reference: init, the policy at step 0 is the model that
+    sampled the chains: they re-score to their recorded log-probs, and the first D3PO loss is
+    exactly log 2 (policy == reference == base + X)."""
+    from diffalign import lora
+    from diffalign.config import LoraSettings, load_config
+    from diffalign.feedback import load_labelled_pairs, write_feedback_round
+    from diffalign.pipelines.loading import load_policy
+
+    sampler = load_policy("tiny-sd")
+    params = lora.add_lora(sampler.denoiser, "sd", LoraSettings(rank=4))
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    x = lora.save_lora(sampler.pipe, sampler.denoiser, tmp_path / "x", family="sd")
+    labels = write_feedback_round(sampler, load_config(_recipe(tmp_path)), tmp_path / "fb", num_pairs=3, lora_dir=str(x))
+    _fill(labels, [0, 1, 1])
+    with pytest.raises(UserError, match=f"sampled from tiny-sd \\+ LoRA {x}; set init_lora={x}"):
+        load_labelled_pairs(labels, None, "tiny-sd")
+    pairs = load_labelled_pairs(labels, None, "tiny-sd", init_lora=str(x))
+    trajectory, _ = pairs.batch(sampler, [0, 1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(sampler.log_prob(trajectory, 0), trajectory.log_probs[:, 0], rtol=0, atol=1e-5)
+
+    base_labels = write_feedback_round(load_policy("tiny-sd"), load_config(_recipe(tmp_path)), tmp_path / "fb0", num_pairs=2)
+    _fill(base_labels, [0, 1])
+    with pytest.raises(UserError, match="sampled from the base model tiny-sd, but init_lora="):
+        load_labelled_pairs(base_labels, None, "tiny-sd", init_lora=str(x))
+
+    _, records = _train(tmp_path, "tiny-sd", steps=2, lr=1e-2, batch=3, d3po={"labels": str(labels)},
+                        init_lora=str(x), reference="init")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[1] != pytest.approx(math.log(2), abs=1e-6)

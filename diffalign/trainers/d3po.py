@@ -32,10 +32,9 @@ from diffalign.config import BaseRunConfig, describe_batch, register_method
 from diffalign.data import BUILTIN_PROMPTS, EpochSampler, load_prompts
 from diffalign.errors import UserError
 from diffalign.losses import d3po_loss
-from diffalign.pipelines.base import Conditioning, DiffusionPolicy, Trajectory
+from diffalign.pipelines.base import DiffusionPolicy, Trajectory
 from diffalign.run import Run, TrainingState
 from diffalign.training import (
-    DEFAULT_GUIDANCE,
     EvalSettings,
     build_optimization,
     draw_prompts,
@@ -47,61 +46,17 @@ from diffalign.training import (
     log_start_evaluation,
 )
 
-# Sampler noise when ``noise_level`` is null: DDIM eta = 1 (the DDPM step D3PO and DDPO use);
-# Flow-GRPO's a = 0.7 for the flow SDE.
-DEFAULT_NOISE_LEVEL = {"sd": 1.0, "sdxl": 1.0, "flux": 0.7, "sd3": 0.7}
-
-
-# --- helpers shared with the GRPO trainer ------------------------------------------------------
-
-
-def check_reward_spec(spec: Any, key: str) -> Any:
-    """Config-time check that a reward spec names a registered reward with valid options."""
-    if spec is None:
-        return None
-    from diffalign.rewards import parse_reward_spec
-
-    try:
-        parse_reward_spec(spec)
-    except UserError as err:
-        raise UserError(f"config error: {key}: {err}") from None
-    return spec
-
-
-def sampling_conditioning(
-    policy: DiffusionPolicy, prompts: list[str], guidance_scale: float, negative_prompt: str | None,
-    height: int | None = None, width: int | None = None,
-) -> Conditioning:
-    """Encode ``prompts`` for sampling: with an unconditional branch (the negative prompt, or
-    "") when classifier-free guidance is on (``guidance_scale != 1``; FLUX: true CFG)."""
-    height = height or policy.default_resolution()
-    width = width or policy.default_resolution()
-    if guidance_scale == 1.0:
-        return policy.encode_prompts(prompts, height=height, width=width)
-    negatives = [negative_prompt] * len(prompts) if negative_prompt is not None else None
-    return policy.encode_prompts(prompts, negatives, with_uncond=True, height=height, width=width)
-
-
-def train_step_indices(num_steps: int, fraction: float, generator: torch.Generator) -> list[int]:
-    """The sampler steps to train on: all of them for fraction 1, else a random subset of
-    ``max(1, int(fraction * num_steps))`` steps (sorted; DDPO's count), drawn with ``generator``."""
-    count = max(1, min(num_steps, int(fraction * num_steps + 1e-9)))
-    if count == num_steps:
-        return list(range(num_steps))
-    return sorted(torch.randperm(num_steps, generator=generator)[:count].tolist())
-
-
-def preference_from_scores(scores: Tensor, negative: bool = False) -> tuple[Tensor, Tensor]:
-    """Preferences of pairs from reward scores [B, 2]: the higher score wins.
-
-    Returns (winner [B] long in {0, 1}, valid [B] bool); ties are invalid (skipped). With
-    ``negative`` (Diffusion-NPO) the lower score wins.
-    """
-    winner = (scores[:, 1] > scores[:, 0]).long()
-    valid = scores[:, 0] != scores[:, 1]
-    if negative:
-        winner = 1 - winner
-    return winner, valid
+# Shared with the GRPO trainer and `diffalign sample`; re-exported here for existing imports.
+from diffalign.sampling import (  # noqa: F401
+    DEFAULT_NOISE_LEVEL,
+    check_reward_spec,
+    guidance_or_default,
+    noise_level_or_default,
+    preference_from_scores,
+    sample_pairs,
+    sampling_conditioning,
+    train_step_indices,
+)
 
 
 def pair_log_probs(logp: Tensor, winner: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,8 +74,10 @@ class D3POSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reward: str | dict | None = Field(
-        None, description="AI feedback: a registry reward spec; of the two images the higher score wins (ties skipped)."
+    reward: str | dict | list[str | dict] | None = Field(
+        None, description="AI feedback: a registry reward spec; of the two images the higher score wins (ties skipped). "
+        "A list of specs: Pareto dominance over the rewards, as the official compare(): an image wins when it scores "
+        "at least as high on every reward and higher on one; pairs where neither dominates are skipped."
     )
     labels: str | None = Field(
         None, description="Human feedback: labels.jsonl written by `diffalign sample` and filled in by a person."
@@ -147,6 +104,10 @@ class D3POSettings(BaseModel):
     @field_validator("reward")
     @classmethod
     def _known_reward(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise UserError("config error: d3po.reward: an empty list; give one reward spec or several")
+            return [check_reward_spec(v, f"d3po.reward[{i}]") for i, v in enumerate(value)]
         return check_reward_spec(value, "d3po.reward")
 
     @model_validator(mode="after")
@@ -181,26 +142,18 @@ class D3POTrainer:
         self.overwrite = overwrite
 
     def guidance(self, policy: DiffusionPolicy) -> float:
-        g = self.cfg.d3po.guidance_scale
-        return DEFAULT_GUIDANCE[policy.family] if g is None else g
+        return guidance_or_default(self.cfg.d3po.guidance_scale, policy.family)
 
     def noise_level(self, policy: DiffusionPolicy) -> float:
-        a = self.cfg.d3po.noise_level
-        return DEFAULT_NOISE_LEVEL[policy.family] if a is None else a
+        return noise_level_or_default(self.cfg.d3po.noise_level, policy.family)
 
     # --- 1. sample ------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def sample_pairs(self, policy: DiffusionPolicy, prompts: list[str], generator: torch.Generator) -> Trajectory:
-        """Two chains per prompt from one starting noise: a trajectory of 2B chains ordered
-        (p0 a, p0 b, p1 a, p1 b, ...), with decoded images."""
-        cfg = self.cfg.d3po
-        size = policy.default_resolution()
-        guidance = self.guidance(policy)
-        cond = sampling_conditioning(policy, prompts, guidance, cfg.negative_prompt).repeat_interleave(2)
-        latents = policy.initial_noise(2 * len(prompts), size, size, generator, group_size=2)
-        return policy.sample(cond, cfg.num_steps, guidance_scale=guidance, noise_level=self.noise_level(policy),
-                             generator=generator, latents=latents)
+        """Two chains per prompt from one starting noise (see ``diffalign.sampling.sample_pairs``)."""
+        d = self.cfg.d3po
+        return sample_pairs(policy, prompts, generator, d.num_steps, self.guidance(policy), self.noise_level(policy),
+                            d.negative_prompt)
 
     # --- 4. update ------------------------------------------------------------------------------
 
@@ -255,15 +208,17 @@ class D3POTrainer:
             from diffalign.feedback import load_labelled_pairs
 
             with run.accelerator.main_process_first():
-                feedback = load_labelled_pairs(d.labels, policy, model=cfg.model)
+                feedback = load_labelled_pairs(d.labels, policy, model=cfg.model, init_lora=cfg.init_lora)
             sampler = EpochSampler(len(feedback), cfg.train.batch_size, cfg.seed, rank, run.num_processes)
             state.data_state = sampler.state
             num_items, source = len(feedback), f"human labels {d.labels} ({len(feedback)} labelled pairs)"
             steps_per_chain = feedback.num_steps
         else:
             prompts = load_prompts(d.prompts, key="d3po.prompts")
-            reward = load_frozen_reward(d.reward, run.device)
-            num_items, source = len(prompts), f"reward {reward.name} (higher wins, ties skipped)"
+            specs = d.reward if isinstance(d.reward, list) else [d.reward]
+            rewards = [load_frozen_reward(spec, run.device) for spec in specs]
+            rule = "higher wins, ties skipped" if len(rewards) == 1 else "Pareto dominance, non-dominated pairs skipped"
+            num_items, source = len(prompts), f"reward {', '.join(r.name for r in rewards)} ({rule})"
             steps_per_chain = d.num_steps
         start_step = run.restore(state)
         if d.labels is not None:
@@ -297,11 +252,15 @@ class D3POTrainer:
                         trajectory = self.sample_pairs(policy, batch_prompts, generator)
                     # 2. score: the reward of both images of each pair
                     with torch.no_grad():
-                        scores = reward(trajectory.images.float(), [p for p in batch_prompts for _ in (0, 1)])
-                    scores = scores.float().view(-1, 2).cpu()
-                    # 3. advantages: the preference of each pair (ties skipped)
+                        pair_prompts = [p for p in batch_prompts for _ in (0, 1)]
+                        scores = torch.stack([r(trajectory.images.float(), pair_prompts).float().cpu() for r in rewards], -1)
+                    scores = scores.view(-1, 2, len(rewards))  # [B, 2, K]
+                    # 3. advantages: the preference of each pair (ties / no dominance skipped)
                     winner, valid = preference_from_scores(scores, d.negative)
-                    micro = {"reward": scores.mean(), "reward_std": scores.std(), "tie_frac": 1.0 - valid.float().mean()}
+                    micro = {"reward": scores[..., 0].mean(), "reward_std": scores[..., 0].std(),
+                             "tie_frac": 1.0 - valid.float().mean()}
+                    if len(rewards) > 1:
+                        micro.update({f"reward/{r.name}": scores[..., k].mean() for k, r in enumerate(rewards)})
                 # 4. update: the per-step DPO loss on the trained sampler steps of each valid pair
                 index = valid.nonzero().flatten()
                 micro["pairs"] = float(len(index))
