@@ -326,37 +326,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffalign.console import configure_output
-
     # --verbose may stand anywhere (`diffalign train cfg.yaml --verbose`); set up the output first,
     # before any library that prints is imported.
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = "--verbose" in argv
-    configure_output(verbose)
-    parser = build_parser()
-    args, extra = parser.parse_known_args([word for word in argv if word != "--verbose"])
-    # argparse stops collecting positional overrides at the first flag (e.g. after --dry-run);
-    # `train` takes the remaining key=value words wherever they stand.
-    if extra and args.command == "train" and not any(word.startswith("-") for word in extra):
-        args.overrides = list(args.overrides) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from diffalign.guard import GuardStopped
+    command = argv[0] if argv else None
+    try:  # from the first import on: a Ctrl-C while torch loads is one line too
+        from diffalign.console import configure_output
 
-    try:
+        verbose = "--verbose" in argv
+        configure_output(verbose)
+        from diffalign.guard import GuardStopped
+
+        parser = build_parser()
+        args, extra = parser.parse_known_args([word for word in argv if word != "--verbose"])
+        # argparse stops collecting positional overrides at the first flag (e.g. after --dry-run);
+        # `train` takes the remaining key=value words wherever they stand.
+        if extra and args.command == "train" and not any(word.startswith("-") for word in extra):
+            args.overrides = list(args.overrides) + extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return int(args.func(args) or 0)
-    except GuardStopped as stop:  # the run ended early as guard.action asked, its final LoRA written
-        print(stop, file=sys.stderr)
-        return 0
     except UserError as err:
         return _fail(str(err), err.exit_code)
     except KeyboardInterrupt:
-        from diffalign.run import last_checkpoint_of_live_runs
-
-        checkpoint = last_checkpoint_of_live_runs()
+        run = sys.modules.get("diffalign.run")  # (never imported here: torch may be half-imported)
+        checkpoint = run.last_checkpoint_of_live_runs() if run is not None else None
         if checkpoint is not None:
             return _fail(f"interrupted; the last checkpoint {checkpoint} is intact (continue with resume=latest)", 130)
-        return _fail("interrupted before training began; nothing was changed", 130)
+        if command == "train":
+            return _fail("interrupted before training began; nothing was trained", 130)
+        return _fail("interrupted", 130)
+    except GuardStopped as stop:  # the run ended early as guard.action asked, its final LoRA written
+        print(stop, file=sys.stderr)
+        return 0
     except OSError as err:
         message = _os_error_message(err)
         if message is None:
@@ -381,9 +383,8 @@ def _os_error_message(err: OSError) -> str | None:
 
     where = f" {err.filename}" if err.filename else ""
     if is_disk_full(err):
-        from diffalign.run import last_checkpoint_of_live_runs
-
-        checkpoint = last_checkpoint_of_live_runs()
+        run = sys.modules.get("diffalign.run")
+        checkpoint = run.last_checkpoint_of_live_runs() if run is not None else None
         intact = f"the previous checkpoint {checkpoint} is intact" if checkpoint else "no checkpoint was written"
         return f"disk full while writing{where}; {intact}"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

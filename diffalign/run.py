@@ -122,6 +122,9 @@ class Run:
         self.cfg = cfg
         self.out_dir = Path(cfg.output_dir)
         self.last_checkpoint: Path | None = None
+        # The newest checkpoint whose weights then gave a finite loss (see confirm_finite_loss):
+        # after a NaN loss, the last checkpoint may hold the weights that gave it.
+        self.last_good_checkpoint: Path | None = None
         report_to = list(cfg.logging.report_to)
         for name in report_to:
             if not any(importlib.util.find_spec(pkg) for pkg in TRACKER_PACKAGES[name]):
@@ -248,8 +251,8 @@ class Run:
             shutil.rmtree(trash, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.out_dir, self._replaces = target, None
-        if self.last_checkpoint is not None and self.last_checkpoint.is_relative_to(staging):
-            self.last_checkpoint = target / self.last_checkpoint.relative_to(staging)
+        moved = lambda path: target / path.relative_to(staging) if path is not None and path.is_relative_to(staging) else path  # noqa: E731
+        self.last_checkpoint, self.last_good_checkpoint = moved(self.last_checkpoint), moved(self.last_good_checkpoint)
 
     def abort(self) -> None:
         """After an error: close the progress bar and metrics.jsonl, and drop the staging folder
@@ -404,6 +407,23 @@ class Run:
         if step < self.cfg.train.max_steps:  # the last step's report is written by finish()
             self.write_report()
         return self.last_checkpoint
+
+    def confirm_finite_loss(self) -> None:
+        """Called by ``optimizer_step`` after a finite loss: the weights of the last checkpoint
+        (those this loss was computed with, or earlier) are good to resume from."""
+        self.last_good_checkpoint = self.last_checkpoint
+
+    def resume_advice(self, loss_finite: bool = True) -> str:
+        """Which checkpoint to resume from after a non-finite loss or gradient, as a clause."""
+        last, good = self.last_checkpoint, self.last_good_checkpoint
+        if loss_finite or last == good:
+            if last is None:
+                return "no checkpoint was written yet: start again"
+            return f"resume from the last checkpoint, which is finite (resume={last})"
+        if good is not None:
+            return (f"resume from {good} (resume={good}), the last checkpoint after which the loss stayed finite "
+                    f"({last} holds the weights that gave this loss)")
+        return f"start again ({last} holds the weights that gave this loss)"
 
     def maybe_checkpoint(self, step: int, state: TrainingState) -> bool:
         """Checkpoint every ``train.checkpoint_every`` steps and at ``train.max_steps``; True if it did.

@@ -39,6 +39,7 @@ class Row:
     images: tuple[str, ...]
     prompt: str
     where: str
+    readable: bool = True
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +58,8 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="append to --out, skipping rows already in it")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per reward call (default 16)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip missing or unreadable images (a warning each, a count at the end) instead of stopping")
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -75,7 +78,7 @@ def run_score(args: argparse.Namespace) -> int:
     specs = [parse_reward_spec(spec) for spec in args.reward]
     columns = _reward_columns(specs, format_reward_spec)
     needs_prompts = any(spec_uses_prompts({name: options}) for name, options in specs)
-    rows = read_rows(args, needs_prompts)
+    rows = read_rows(args, needs_prompts, skip_missing=getattr(args, "skip_bad", False))
     out_format = _output_format(args.out) if args.out else None
     done = _already_scored(args.out, out_format, args.pairwise) if args.resume and args.out else set()
     todo = [row for row in rows if row.images not in done]
@@ -92,12 +95,18 @@ def run_score(args: argparse.Namespace) -> int:
     # 3. score batch by batch, writing and flushing each batch
     values: dict[str, list[float]] = {column: [] for column in columns}
     writer = _open_writer(args.out, out_format, args.pairwise, columns, append=bool(done)) if args.out else None
+    skip_bad = getattr(args, "skip_bad", False)
+    skipped = len(rows) - len([r for r in rows if r.readable])
+    todo = [row for row in todo if row.readable]
     try:
         with tqdm(total=len(todo), unit="pair" if args.pairwise else "img", file=sys.stderr, disable=None) as bar:
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start : start + args.batch_size]
-                scores = _score_batch(batch, rewards, columns, args.pairwise)
+                scores = _score_batch(batch, rewards, columns, args.pairwise, warn=(lambda message: bar.write(message, file=sys.stderr)) if skip_bad else None)
                 for row, row_scores in zip(batch, scores):
+                    if row_scores is None:
+                        skipped += 1
+                        continue
                     for column in columns:
                         values[column].append(row_scores[column])
                     if writer is not None:
@@ -111,13 +120,16 @@ def run_score(args: argparse.Namespace) -> int:
 
     # 4. summary
     print(summary_table(values, pairwise=args.pairwise))
+    if skip_bad:
+        print(f"skipped {skipped} unreadable image{'s' if skipped != 1 else ''} (--skip-bad)")
     if args.resume and done:
         print(f"(skipped {len(rows) - len(todo)} rows already in {args.out}; the summary covers this run only)")
     return 0
 
 
-def read_rows(args: argparse.Namespace, needs_prompts: bool) -> list[Row]:
-    """Turn ``source`` plus prompt options into rows; every image file is checked to exist."""
+def read_rows(args: argparse.Namespace, needs_prompts: bool, skip_missing: bool = False) -> list[Row]:
+    """Turn ``source`` plus prompt options into rows; every image file is checked to exist
+    (``skip_missing``: a row with a missing image is kept, marked unreadable, with a warning)."""
     source = args.source
     suffix = Path(source).suffix.lower()
     if suffix in (".csv", ".jsonl"):
@@ -131,7 +143,10 @@ def read_rows(args: argparse.Namespace, needs_prompts: bool) -> list[Row]:
     for row in rows:
         for image in row.images:
             if not os.path.isfile(image):
-                raise UserError(f"{row.where}: image file '{image}' does not exist")
+                if not skip_missing:
+                    raise UserError(f"{row.where}: image file '{image}' does not exist")
+                print(f"warning: {row.where}: image file '{image}' does not exist; skipped", file=sys.stderr)
+                row.readable = False
     if not rows:
         raise UserError(f"{source}: no rows to score")
     return rows
@@ -168,9 +183,11 @@ def _read_images(source: str, args: argparse.Namespace, needs_prompts: bool) -> 
     if args.prompts and args.prompt:
         raise UserError("give --prompts FILE or --prompt TEXT, not both")
     if args.prompts:
-        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines() if os.path.isfile(args.prompts) else None
-        if lines is None:
+        if not os.path.isfile(args.prompts):
             raise UserError(f"--prompts '{args.prompts}' does not exist")
+        from diffalign.data import read_text_lines
+
+        lines = read_text_lines(Path(args.prompts), "--prompts")
         while lines and not lines[-1].strip():
             lines.pop()
         if len(lines) != len(paths):
@@ -227,6 +244,9 @@ def _read_manifest(path: Path, args: argparse.Namespace, needs_prompts: bool) ->
 
 def _read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (location for errors, record dict) for each data row of a CSV or JSONL file."""
+    from diffalign.data import read_text_lines
+
+    read_text_lines(path, "manifest")  # bytes that are not UTF-8: a UserError naming the line
     with open(path, newline="", encoding="utf-8") as handle:
         if path.suffix.lower() == ".csv":
             for number, record in enumerate(csv.DictReader(handle), start=2):
@@ -278,15 +298,29 @@ def _load_image(path: str, where: str):
 
 
 # ---------------------------------------------------------------------- scoring
-def _score_batch(batch: list[Row], rewards: list, columns: list[str], pairwise: bool) -> list[dict[str, float]]:
-    """Score one batch of rows with every reward. Images of different sizes go in separate calls."""
+def _score_batch(
+    batch: list[Row], rewards: list, columns: list[str], pairwise: bool, warn=None
+) -> list[dict[str, float] | None]:
+    """Score one batch of rows with every reward. Images of different sizes go in separate calls.
+
+    ``warn`` (``--skip-bad``): an unreadable image is reported through it and its row scored as
+    None, instead of a UserError."""
     import torch
 
-    loaded = [[_load_image(p, row.where) for p in row.images] for row in batch]
+    loaded: list[list | None] = []
+    for row in batch:
+        try:
+            loaded.append([_load_image(p, row.where) for p in row.images])
+        except UserError as err:
+            if warn is None:
+                raise
+            warn(f"warning: {err}; skipped")
+            loaded.append(None)
     groups: dict[tuple, list[int]] = {}
     for index, images in enumerate(loaded):
-        groups.setdefault(tuple(tuple(image.shape) for image in images), []).append(index)
-    results: list[dict[str, float]] = [{} for _ in batch]
+        if images is not None:
+            groups.setdefault(tuple(tuple(image.shape) for image in images), []).append(index)
+    results: list[dict[str, float] | None] = [{} if images is not None else None for images in loaded]
     with torch.no_grad():
         for indices in groups.values():
             prompts = [batch[i].prompt for i in indices]

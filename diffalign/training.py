@@ -37,6 +37,7 @@ def load_trainable_policy(cfg: BaseRunConfig, run: Run, **policy_options) -> tup
             cfg.model, device=run.device, torch_dtype=run.weight_dtype, resolution=cfg.train.resolution, **policy_options
         )
     check_resolution(policy, cfg.train.resolution)
+    check_model_specific_options(cfg, policy)
     maybe_enable_xformers(policy.pipe, cfg.train)
     if cfg.train.gradient_checkpointing:
         policy.denoiser.enable_gradient_checkpointing()
@@ -45,6 +46,24 @@ def load_trainable_policy(cfg: BaseRunConfig, run: Run, **policy_options) -> tup
     if cfg.reference == "init":
         policy.reference_adapter = lora.INIT_ADAPTER
     return policy, params
+
+
+# Options that act on flow-matching models only (FLUX, SD3): section, key, the value that means "off".
+FLOW_ONLY_OPTIONS = [("dpo", "timestep_sampling", "uniform")]
+
+
+def check_model_specific_options(cfg: BaseRunConfig, policy: DiffusionPolicy) -> None:
+    """UserError for an option set on a model it does not act on (it would be ignored silently)."""
+    if policy.prediction_type == "flow":
+        return
+    for section, key, off in FLOW_ONLY_OPTIONS:
+        settings = getattr(cfg, section, None)
+        value = getattr(settings, key, off)
+        if value != off:
+            raise UserError(
+                f"{section}.{key}={value} acts on flow-matching models only (FLUX, SD3); the {policy.family} "
+                f"model ({policy.prediction_type}) would ignore it: remove it or set {section}.{key}={off}"
+            )
 
 
 def check_resolution(policy: DiffusionPolicy, resolution: int | None) -> None:
@@ -100,6 +119,8 @@ def optimizer_step(
         scaler.unscale_(optimizer)
     grad_norm = clip_gradients(params, train.max_grad_norm)
     loss_finite = loss is None or math.isfinite(loss)
+    if loss is not None and loss_finite:
+        run.confirm_finite_loss()
     if loss_finite and math.isfinite(grad_norm):
         run.skipped_in_a_row = 0
         if scaler is not None:
@@ -114,10 +135,7 @@ def optimizer_step(
         what = f"the gradient norm is {grad_norm}" if loss_finite else f"the loss is {loss}"
         if run.skipped_in_a_row >= train.skip_nonfinite_updates:
             optimizer.zero_grad(set_to_none=True)
-            if run.last_checkpoint is not None:
-                where = f"resume from the last checkpoint, which is finite (resume={run.last_checkpoint})"
-            else:
-                where = "no checkpoint was written yet: start again"
+            where = run.resume_advice(loss_finite)
             raise UserError(
                 f"{what} (the update was not applied; {run.skipped_in_a_row} skipped in a row before it); "
                 f"{where} with a lower train.learning_rate, or set train.skip_nonfinite_updates=N to skip such "

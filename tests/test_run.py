@@ -590,33 +590,52 @@ def test_keys_that_cannot_change_on_resume_are_an_error_before_anything_is_writt
 
 def test_nonfinite_loss_is_skipped_like_a_nonfinite_gradient_and_never_checkpointed(tmp_path):
     """A NaN loss goes through train.skip_nonfinite_updates (skipped: weights unchanged); past the
-    limit the run stops naming the last checkpoint. A state with NaN weights is never saved."""
+    limit the run stops naming the checkpoint to resume from: the last one if a finite loss
+    followed it, else the one before it (the last one holds the weights that gave the NaN). A
+    state with NaN weights is never saved."""
     from diffalign.training import optimizer_step
 
-    cfg = toy_config(tmp_path / "run", max_steps=4, skip_nonfinite_updates=1)
+    cfg = toy_config(tmp_path / "run", max_steps=4, skip_nonfinite_updates=1, checkpoint_every=1)
     run = Run(cfg)
     problem = ToyProblem(cfg.train)
-    problem.train(run, 0, 3)  # checkpoint at 3
+    params = list(problem.params.values())
+    folders = tmp_path / "run" / "checkpoints"
+
+    def update(loss: float) -> dict:
+        problem.loss(problem.state.generators["data"]).backward()  # finite gradients whatever `loss` says
+        return optimizer_step(run, params, problem.optimizer, problem.scheduler, cfg.train, loss=loss)
+
+    update(1.0)
+    run.checkpoint(1, problem.state)
+    update(1.0)  # a finite loss from step-1's weights: step-1 is good to resume from
+    run.checkpoint(2, problem.state)
     weights = {k: v.detach().clone() for k, v in problem.params.items()}
-    problem.loss(problem.state.generators["data"]).backward()  # finite gradients, but the loss was NaN
-    assert optimizer_step(run, list(problem.params.values()), problem.optimizer, problem.scheduler,
-                          cfg.train, loss=float("nan")) == {"skipped_updates": 1.0}
+    assert update(float("nan")) == {"skipped_updates": 1.0}
     assert all(torch.equal(weights[k], v) for k, v in problem.params.items())
-    problem.loss(problem.state.generators["data"]).backward()
     with pytest.raises(UserError) as info:
-        optimizer_step(run, list(problem.params.values()), problem.optimizer, problem.scheduler,
-                       cfg.train, loss=float("inf"))
+        update(float("inf"))
     assert str(info.value).startswith(
-        f"the loss is inf (the update was not applied; 1 skipped in a row before it); resume from the last "
-        f"checkpoint, which is finite (resume={tmp_path / 'run' / 'checkpoints' / 'step-3'}) with a lower train.learning_rate"
+        f"the loss is inf (the update was not applied; 1 skipped in a row before it); resume from {folders / 'step-1'} "
+        f"(resume={folders / 'step-1'}), the last checkpoint after which the loss stayed finite "
+        f"({folders / 'step-2'} holds the weights that gave this loss) with a lower train.learning_rate"
     )
+    update(1.0)
+
+    def nan_gradient() -> dict:
+        problem.loss(problem.state.generators["data"]).mul(float("nan")).backward()
+        return optimizer_step(run, params, problem.optimizer, problem.scheduler, cfg.train, loss=1.0)
+
+    assert nan_gradient() == {"skipped_updates": 2.0}  # the loss was finite: step-2 is the one to resume from
+    with pytest.raises(UserError, match=r"the gradient norm is nan .*resume from the last checkpoint, which is finite "
+                       r"\(resume=.*step-2\)"):
+        nan_gradient()
     with torch.no_grad():
         problem.params["weight"][0, 0] = float("nan")
-    with pytest.raises(UserError, match=r"the weights became NaN/inf by step 4, so step 4 was not checkpointed; "
-                       r"the last checkpoint with finite weights is .*step-3"):
-        run.checkpoint(4, problem.state)
+    with pytest.raises(UserError, match=r"the weights became NaN/inf by step 3, so step 3 was not checkpointed; "
+                       r"the last checkpoint with finite weights is .*step-2"):
+        run.checkpoint(3, problem.state)
     run.finish()
-    assert [p.name for p in run.checkpoints()] == ["step-3"]
+    assert [p.name for p in run.checkpoints()] == ["step-1", "step-2"]
 
 
 def test_damaged_checkpoint_files_name_the_file_and_the_checkpoint_before(tmp_path):
