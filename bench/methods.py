@@ -12,8 +12,9 @@ denoiser call measures it (so gradient checkpointing's recomputation is counted 
 calibration run measures each method's cost per optimizer step, which sets its ``max_steps``.
 
 Each run keeps the guard on with ``action: warn, keep_best: false`` (the table reports the last
-weights, not a held-out-selected checkpoint); the guard's checks (every quarter of the run) give
-the held-out reward against compute for the plot, with the counter paused while they sample.
+weights, not a held-out-selected checkpoint); the guard's checks along the run give
+the held-out reward against compute for the plot (``--checks`` points after the start), with the
+counter paused while they sample.
 
 Columns: held-out verifiable reward (the world's gold reward on held-out prompts, fixed seeds)
 before -> after as mean ± std over seeds; the learned reward on the same images; diversity (mean
@@ -186,7 +187,7 @@ def trained_reward(world: World, method: str) -> str:
 
 
 def method_config(world: World, family: str, method: str, seed: int, max_steps: int, out: Path,
-                  guard: bool = True) -> dict:
+                  guard: bool = True, checks: int = 4) -> dict:
     """The run's config: the world's recipe if it has one, else a small generic one; then the bench's
     seed, steps, output, held-out evaluation and guard."""
     recipe = Path(__file__).resolve().parent.parent / "configs" / method / f"shapes-{family}.yaml"
@@ -199,7 +200,7 @@ def method_config(world: World, family: str, method: str, seed: int, max_steps: 
     cfg.setdefault("logging", {}).update(sample_every=0, report=False, report_to=[])
     cfg["eval"] = {"reward": world.verifiable, "prompts": world.heldout_prompts, "seed": 1000,
                    "num_images_per_prompt": world.seeds_per_prompt, "num_steps": world.num_steps}
-    cfg["guard"] = ({"enabled": True, "every": max(1, max_steps // 4), "action": "warn", "keep_best": False}
+    cfg["guard"] = ({"enabled": True, "every": max(1, max_steps // checks), "action": "warn", "keep_best": False}
                     if guard else {"enabled": False})
     return cfg
 
@@ -315,7 +316,8 @@ class MethodResult:
     runs: list[dict] = field(default_factory=list)  # per seed
 
 
-def run_method(world: World, family: str, method: str, seeds: list[int], budget: int, out: Path) -> MethodResult:
+def run_method(world: World, family: str, method: str, seeds: list[int], budget: int, out: Path,
+               checks: int = 4) -> MethodResult:
     """Calibrate the cost per step, then train each seed at ``budget`` and evaluate it."""
     from diffalign.guard import GuardStopped
 
@@ -331,7 +333,7 @@ def run_method(world: World, family: str, method: str, seeds: list[int], budget:
     result = MethodResult(family, method, trained_reward(world, method), max_steps)
     for seed in seeds:
         run_dir = out / f"{family}-{method}-seed{seed}"
-        cfg = method_config(world, family, method, seed, max_steps, run_dir)
+        cfg = method_config(world, family, method, seed, max_steps, run_dir, checks=checks)
         _COMPUTE_AT_CHECKS.clear()
         with DenoiserCounter() as counter:
             try:
@@ -339,8 +341,8 @@ def run_method(world: World, family: str, method: str, seeds: list[int], budget:
             except GuardStopped:  # cannot happen with action warn; kept for a recipe that sets stop
                 wall, mb = float("nan"), float("nan")
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        checks = [r for r in records if "guard/heldout_reward" in r]
-        curve = [(c, r["guard/heldout_reward"]) for c, r in zip(_COMPUTE_AT_CHECKS, checks)]
+        guard_records = [r for r in records if "guard/heldout_reward" in r]
+        curve = [(c, r["guard/heldout_reward"]) for c, r in zip(_COMPUTE_AT_CHECKS, guard_records)]
         if curve:  # the start check runs inside step 1, before its update: the base weights, no compute yet
             curve[0] = (0, curve[0][1])
         after = evaluate_lora(world, family, run_dir / "final")
@@ -421,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", help="comma-separated (default: every method that applies)")
     parser.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick 1)")
     parser.add_argument("--budget", type=int, help="forward-pass equivalents per run (default: the world's)")
+    parser.add_argument("--checks", type=int, default=4, help="held-out checks along each run (the curve's points)")
     parser.add_argument("--out", default="runs/bench-methods")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
@@ -445,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             if family not in METHOD_FAMILIES.get(method, ()) or method not in available:
                 continue
-            results.append(run_method(world, family, method, seeds, budget, out))
+            results.append(run_method(world, family, method, seeds, budget, out, args.checks))
     table = markdown_table(world, budget, before, results)
     (out / "methods.md").write_text(table)
     plot_curves(results, out / "methods.png", world)

@@ -1,4 +1,4 @@
-"""bench/methods.py --quick on the tiny models: the table's columns, one row per method, the
+"""bench/methods.py --quick on the tiny models (2 seeds): the table's columns, one row per method, the
 curve PNG and the results file (its numbers are not asserted: random tiny denoisers)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _bench():
 def test_quick_methods_table_on_tiny_models(tmp_path, capsys):
     bench = _bench()
     out = tmp_path / "bench"
-    assert bench.main(["--world", "tiny", "--quick", "--methods", "grpo,draft", "--budget", "80",
+    assert bench.main(["--world", "tiny", "--quick", "--methods", "grpo,draft", "--budget", "50", "--seeds", "2",
                        "--out", str(out)]) == 0
     lines = (out / "methods.md").read_text().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| family"))
@@ -32,16 +32,17 @@ def test_quick_methods_table_on_tiny_models(tmp_path, capsys):
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:] if line.startswith("|")]
     assert [(r[0], r[1], r[2]) for r in rows] == [("sd", "grpo", "`brightness`"), ("sd", "draft", "`saturation`")]
     for row in rows:
-        assert all(" -> " in row[i] for i in (5, 6, 7))  # before -> after
+        assert all(" -> " in row[i] and " ± " in row[i] for i in (5, 6, 7))  # before -> after, mean ± std of 2 seeds
         assert float(row[4]) > 0 and int(row[3]) >= 1
-    assert "budget 80 denoiser forward-pass equivalents" in lines[0] and "backward = 2" in lines[0]
+    assert "budget 50 denoiser forward-pass equivalents" in lines[0] and "backward = 2" in lines[0]
     png = (out / "methods.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
     for result in results["results"]:
-        (run,) = result["runs"]
-        assert run["curve"][0][0] == 0 and len(run["curve"]) >= 2  # the base, then checks along the run
-        assert [c for c, _ in run["curve"]] == sorted(c for c, _ in run["curve"])
+        assert [run["seed"] for run in result["runs"]] == [0, 1]
+        for run in result["runs"]:
+            assert run["curve"][0][0] == 0 and len(run["curve"]) >= 2  # the base, then checks along the run
+            assert [c for c, _ in run["curve"]] == sorted(c for c, _ in run["curve"])
 
 
 def test_counter_counts_images_and_backward_as_two():
