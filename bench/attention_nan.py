@@ -14,8 +14,9 @@ show it, ``train.sdpa_backends=[flash,efficient,math]`` is the fix to recommend 
 
 Usage (on a GPU machine; kernels a device lacks are reported as unavailable)::
 
-    python bench/attention_nan.py                       # tiny-flux, bf16, 60 steps, every set
-    python bench/attention_nan.py --model tiny-sdxl --steps 200 --dtype fp16
+    python bench/attention_nan.py                       # tiny flux, bf16, 60 steps, every set
+    python bench/attention_nan.py --family sdxl --steps 200 --dtype fp16
+    python bench/attention_nan.py --size full --family flux --steps 20   # FLUX.1-dev's architecture
     python bench/attention_nan.py --device cpu --steps 5   # the code path, on a CPU
 """
 
@@ -26,6 +27,7 @@ import contextlib
 import os
 
 import torch
+from sizes import add_size_arguments
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,18 +43,19 @@ KERNEL_SETS = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def run_steps(model: str, device: str, dtype: torch.dtype, steps: int, kernels) -> dict:
+def run_steps(family: str, size: str, device: str, dtype: torch.dtype, steps: int, kernels) -> dict:
     """``steps`` DPO steps from seed 0 under ``kernels``: losses and the steps with non-finite grads."""
     from diffalign import lora
     from diffalign.config import load_config
     from diffalign.data import EpochSampler, collate_pairs, open_preference_pairs
-    from diffalign.pipelines.loading import load_policy
     from diffalign.trainers.diffusion_dpo import DiffusionDPOTrainer
+    from sizes import build_policy
 
     torch.manual_seed(0)
-    cfg = load_config({"method": "diffusion_dpo", "model": model, "lora": {"rank": 16},
-                       "train": {"resolution": 64}, "data": {"source": "builtin:brightness"}})
-    policy = load_policy(model, device=device, torch_dtype=dtype, resolution=64)
+    cfg = load_config({"method": "diffusion_dpo", "model": f"tiny-{family}", "lora": {"rank": 16},
+                       "data": {"source": "builtin:brightness"}})
+    policy = build_policy(family, size, device, dtype, resolution=64 if size == "tiny" else None)
+    resolution = policy.default_resolution()
     params = lora.add_lora(policy.denoiser, policy.family, cfg.lora)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     trainer = DiffusionDPOTrainer(cfg)
@@ -62,7 +65,7 @@ def run_steps(model: str, device: str, dtype: torch.dtype, steps: int, kernels) 
     bad, losses = [], []
     for step in range(1, steps + 1):
         epoch, indices = sampler.next_indices()
-        batch = collate_pairs(pairs, indices, 64, 0, epoch, True, True)
+        batch = collate_pairs(pairs, indices, resolution, 0, epoch, True, True)
         with sdpa_kernel(kernels) if kernels else contextlib.nullcontext():
             with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
                 loss, _ = trainer.dpo_step(policy, batch, generator)
@@ -78,17 +81,16 @@ def run_steps(model: str, device: str, dtype: torch.dtype, steps: int, kernels) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny-flux", choices=["tiny-sd", "tiny-sdxl", "tiny-flux"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_size_arguments(parser, family="flux")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--sets", nargs="+", default=list(KERNEL_SETS), choices=list(KERNEL_SETS))
     args = parser.parse_args()
-    print(f"{args.model} on {args.device} in {args.dtype}, torch {torch.__version__}, "
+    print(f"{args.size} {args.family} on {args.device} in {args.dtype}, torch {torch.__version__}, "
           f"cudnn {torch.backends.cudnn.version()}, {args.steps} DPO steps per kernel set")
     for name in args.sets:
         try:
-            result = run_steps(args.model, args.device, DTYPES[args.dtype], args.steps, KERNEL_SETS[name])
+            result = run_steps(args.family, args.size, args.device, DTYPES[args.dtype], args.steps, KERNEL_SETS[name])
         except RuntimeError as err:  # e.g. "No available kernel" for a set the device lacks
             print(f"{name:>10}: unavailable ({str(err).splitlines()[0][:100]})")
             continue

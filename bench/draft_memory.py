@@ -19,8 +19,9 @@ CPU time, which other jobs on a shared machine disturb far less.
 
 Usage::
 
-    python bench/draft_memory.py                                    # tiny-sd, 256 px, 20 steps, batch 2
-    python bench/draft_memory.py --model tiny-sdxl --resolution 512 --steps 50 --out bench.json
+    python bench/draft_memory.py                                    # tiny sd, 256 px, 20 steps, batch 2
+    python bench/draft_memory.py --family sdxl --resolution 512 --steps 50 --out bench.json
+    python bench/draft_memory.py --size small --family sd           # compute-bound on a CPU (bench/sizes.py)
 
 The goal from the issue: K = all with checkpointing needs at most 1.5x the memory of K = 1 with
 checkpointing. The report says whether this run meets it.
@@ -38,6 +39,7 @@ import time
 import weakref
 
 import torch
+from sizes import add_size_arguments
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -94,20 +96,20 @@ def run_child(args: argparse.Namespace) -> dict:
     from diffalign import lora
     from diffalign.config import load_config
     from diffalign.losses import draft_loss
-    from diffalign.pipelines.loading import load_policy
     from diffalign.rewards import load_reward
     from diffalign.trainers.draft import DraftTrainer
+    from sizes import build_policy
 
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config({
-        "method": "draft", "model": args.model, "output_dir": "/tmp/unused",
+        "method": "draft", "model": f"tiny-{args.family}", "output_dir": "/tmp/unused",
         "draft": {"reward": "brightness", "num_steps": args.steps, "k": args.k, "checkpoint_steps": args.checkpoint,
                   "guidance_scale": args.guidance_scale},
         "lora": {"rank": 4},
     })
-    policy = load_policy(args.model, device=device, resolution=args.resolution)
+    policy = build_policy(args.family, args.size, device, resolution=args.resolution)
     params = lora.add_lora(policy.denoiser, policy.family, cfg.lora)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     reward = load_reward("brightness")
@@ -161,13 +163,12 @@ def _median(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-sd", help="tiny-sd | tiny-sdxl | tiny-flux (or a local model)")
-    parser.add_argument("--resolution", type=int, default=256)
+    add_size_arguments(parser, family="sd")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 256 for tiny, the size's own otherwise")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps T")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=3, help="timed training steps per configuration")
-    parser.add_argument("--cpu", action="store_true", help="measure on the CPU even if CUDA is available")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads per run (1: steadier timings on a shared machine; 0: torch's default)")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -175,17 +176,19 @@ def main() -> None:
     parser.add_argument("--k", default="1", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.resolution is None and args.size == "tiny":
+        args.resolution = 256
     if args.child:
         args.k = args.k if args.k == "all" else int(args.k)
         print("RESULT " + json.dumps(run_child(args)), flush=True)
         return
 
     results = {}
-    common = ["--model", args.model, "--resolution", str(args.resolution), "--steps", str(args.steps),
+    common = ["--size", args.size, "--family", args.family, "--device", args.device, "--steps", str(args.steps),
               "--batch", str(args.batch), "--guidance-scale", str(args.guidance_scale), "--repeats", str(args.repeats),
               "--threads", str(args.threads)]
-    if args.cpu:
-        common.append("--cpu")
+    if args.resolution is not None:
+        common += ["--resolution", str(args.resolution)]
     for label, k, checkpoint in CONFIGS:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--k", str(k), *common]
         if checkpoint:
@@ -198,7 +201,7 @@ def main() -> None:
 
     device = next(iter(results.values()))["device"]
     memory = "max_memory_allocated minus allocated before" if device == "cuda" else "peak of the live tensors it creates"
-    print(f"DRaFT {args.model}, {args.resolution} px, T={args.steps} steps, batch {args.batch}, CFG "
+    print(f"DRaFT {args.size} {args.family}, {args.resolution or 'default'} px, T={args.steps} steps, batch {args.batch}, CFG "
           f"{args.guidance_scale}, on {device} ({args.threads or 'default'} CPU threads); step memory = {memory}; "
           f"times are medians of {args.repeats} steps")
     print(f"{'configuration':<22}{'step MB':>10}{'process peak RSS MB':>21}{'wall s':>9}{'CPU s':>9}")

@@ -1,7 +1,8 @@
 """Throughput of a reward: batched calls, a per-image loop, and the raw model forward alone.
 
     python bench/score.py --reward pickscore                     # tiny weights, CPU, runs anywhere
-    python bench/score.py --reward hpsv2 --full --device cuda    # published architecture, random weights
+    python bench/score.py --reward hpsv2 --size full --device cuda   # published architecture, random weights
+    python bench/score.py --reward clip --size small                 # ViT-B/32 with random weights, on a CPU
     python bench/score.py --reward "pickscore:model=/models/PickScore_v1" --device cuda
 
 ``--remote`` also starts ``diffalign serve-reward`` with the same reward in a second process and
@@ -11,7 +12,9 @@ throughput left after HTTP, the wire format and the server's batching (goal: >= 
     python bench/score.py --reward brightness --remote --batch-size 32 --resolution 256
     python bench/score.py --reward clip --remote --batch-size 32 --resolution 256
 
-``--full`` builds the published architecture (ViT-L/14, ViT-H/14, PickScore's CLIP-H) with random
+``--size``: ``tiny`` (default) loads the tiny weights; ``small`` builds ViT-B/32 towers with random
+weights (clip, aesthetic, hpsv2), big enough that the model's compute dominates on a CPU; ``full``
+builds the published architecture (ViT-L/14, ViT-H/14, PickScore's CLIP-H) with random
 weights, so the timings are those of the real model without downloading it. The raw forward is the
 model alone on inputs prepared in advance (preprocessed pixels, token ids); ``batched / raw`` is the
 share of the model's throughput the reward keeps after its own preprocessing, tokenisation and
@@ -38,8 +41,9 @@ PROMPTS = ["a photo of an astronaut riding a horse on mars", "a red apple on a w
            "a watercolor painting of a lighthouse at dawn", "two corgis playing in the snow, 35mm film"]
 
 
-def build_full(name: str, device: str, dtype: str, batch_size: int) -> Reward:
-    """The published architecture of ``name`` with random weights, wrapped in the real reward class."""
+def build_full(name: str, device: str, dtype: str, batch_size: int, size: str = "full") -> Reward:
+    """The published architecture of ``name`` (``size="small"``: ViT-B/32 towers) with random
+    weights, wrapped in the real reward class."""
     import open_clip
 
     from diffalign.rewards.aesthetic import AestheticHead, AestheticScore
@@ -50,13 +54,16 @@ def build_full(name: str, device: str, dtype: str, batch_size: int) -> Reward:
     torch_dtype = resolve_dtype(dtype, device, name)
     common = {"batch_size": batch_size, "bt_scale": 1.0, "dtype": torch_dtype}
     if name in ("clip", "hpsv2", "aesthetic"):
-        arch = {"clip": "ViT-L-14", "hpsv2": "ViT-H-14", "aesthetic": "ViT-L-14"}[name]
+        arch = "ViT-B-32" if size == "small" else {"clip": "ViT-L-14", "hpsv2": "ViT-H-14", "aesthetic": "ViT-L-14"}[name]
         model = freeze(open_clip.create_model(arch, pretrained=None))
         preprocess = {"size": 224, "mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD, "interpolation": "bicubic",
                       "resize_mode": "longest" if name == "hpsv2" else "shortest"}
         if name == "aesthetic":
-            return AestheticScore(model, preprocess, freeze(AestheticHead(768)), **common).to(device)
+            width = 512 if size == "small" else 768
+            return AestheticScore(model, preprocess, freeze(AestheticHead(width)), **common).to(device)
         return OpenClipScore(name, model, open_clip.get_tokenizer(arch), preprocess, scale=1.0, **common).to(device)
+    if size == "small":
+        raise SystemExit(f"--size small builds ViT-B/32 towers for clip, hpsv2 and aesthetic; not {name!r}")
     if name == "pickscore":
         from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -158,7 +165,8 @@ def throughput(fn: Callable[[], object], count: int, device: torch.device, repea
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reward", default="pickscore", help="reward spec (default pickscore)")
-    parser.add_argument("--full", action="store_true", help="published architecture with random weights")
+    parser.add_argument("--size", choices=["tiny", "small", "full"], default="tiny",
+                        help="tiny weights | ViT-B/32 random | the published architecture, random (see above)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16")
     parser.add_argument("--images", type=int, default=64, help="images per measurement")
@@ -170,8 +178,8 @@ def main() -> None:
     args = parser.parse_args()
 
     name, options = parse_reward_spec(args.reward)
-    if args.full:
-        reward = build_full(name, args.device, args.dtype, args.batch_size)
+    if args.size != "tiny":
+        reward = build_full(name, args.device, args.dtype, args.batch_size, args.size)
     else:
         if name in TINY_REWARDS and "model" not in options:
             options = {**tiny_reward_options(name), **options}
@@ -192,7 +200,7 @@ def main() -> None:
         run = raw_forward(reward, images, prompts)
         raw = throughput(lambda: [run(a, a + step) for a in range(0, n, step)], n, device, args.repeats)
 
-    weights = "random full-size" if args.full else ("tiny" if name in TINY_REWARDS and "model" not in parse_reward_spec(args.reward)[1] else "given")
+    weights = f"random {args.size}-size" if args.size != "tiny" else ("tiny" if name in TINY_REWARDS and "model" not in parse_reward_spec(args.reward)[1] else "given")
     print(f"reward {name} ({weights} weights) on {args.device}, {args.resolution}px inputs, batch {step}, "
           f"dtype {getattr(reward, 'dtype', 'n/a')}")
     print(f"  batched          {batched:10.1f} images/s")
@@ -213,8 +221,8 @@ def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prom
 
     from diffalign.rewards.registry import format_reward_spec
 
-    if args.full:
-        raise SystemExit("--remote serves a registry spec; it cannot be combined with --full")
+    if args.size != "tiny":
+        raise SystemExit("--remote serves a registry spec; use it with --size tiny or a spec naming real weights")
     command = [sys.executable, "-m", "diffalign.cli", "serve-reward", format_reward_spec(name, options), "--port", "0",
                "--max-batch", str(args.batch_size), "--device", args.device]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

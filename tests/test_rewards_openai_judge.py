@@ -119,7 +119,8 @@ def test_pointwise_scores_and_the_request_it_sends(monkeypatch):
         judge = load_reward(f"openai_judge:url={url},model=qwen-vl,api_key_env=JUDGE_KEY")
         scores = judge(_images([51, 204]), ["a red cube", "a cat"])
     torch.testing.assert_close(scores, torch.tensor([0.2, 0.8]), rtol=0, atol=1e-3)  # 10 * 0.2 on 0..10 -> 0.2
-    body = server.bodies[0]
+    # requests run concurrently: find the first prompt's by its text, not by arrival order
+    body = next(b for b in server.bodies if "a red cube" in b["messages"][-1]["content"][-1]["text"])
     assert body["model"] == "qwen-vl" and body["temperature"] == 0.0
     parts = body["messages"][-1]["content"]
     assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
