@@ -44,8 +44,11 @@ def test_report_of_a_real_run_renders_in_chromium(tmp_path, browser_page):
     )
     plots = [i["alt"] for i in images if i["cls"] == "plot"]
     grids = [i["alt"] for i in images if i["cls"] == "grid"]
-    # the guard adds its own metrics; the draft run logs loss, reward, grad_norm, lr and eval/saturation
-    assert {"loss", "training reward", "held-out reward", "gradient norm", "learning rate"} <= set(plots)
+    # the draft run logs loss, reward, grad_norm, lr; the guard (on: eval.reward is set) held-out
+    # reward, diversity and drift
+    assert {"loss", "training reward", "held-out reward", "diversity", "KL / drift from the base", "gradient norm",
+            "learning rate"} <= set(plots)
+    assert page.locator("td.ok").count() == 5  # the guard's checks at steps 0-4, in its table
     assert grids == ["samples at step 2", "samples at step 4"]
     assert all(i["done"] and i["w"] > 0 for i in images), images
     assert page.console_errors == []
