@@ -191,7 +191,7 @@ class BaseRunConfig(BaseModel):
     init_lora: str | None = Field(
         None,
         description="Continue training this LoRA (a folder with pytorch_lora_weights.safetensors such as runs/x/final, "
-        "or the file) instead of a fresh one; it keeps its rank, alpha and layers (lora.rank / lora.alpha must match).",
+        "or the file, or a kohya-format .safetensors as ComfyUI / kohya / A1111 use) instead of a fresh one; it keeps its rank, alpha and layers (lora.rank / lora.alpha must match).",
     )
     reference: Literal["base", "init"] = Field(
         "base",

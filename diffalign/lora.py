@@ -299,10 +299,14 @@ def read_lora_metadata(lora_dir: str | os.PathLike) -> dict[str, str]:
     return json.loads(raw) if raw else {}
 
 
-def read_lora_file(lora_dir: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], dict | None]:
+def read_lora_file(
+    lora_dir: str | os.PathLike, denoiser: torch.nn.Module | None = None
+) -> tuple[str, dict[str, torch.Tensor], dict | None]:
     """The one place a LoRA file is read: ``(component, state, adapter_metadata)``.
 
-    ``lora_dir``: a folder holding ``pytorch_lora_weights.safetensors`` or the file itself.
+    ``lora_dir``: a folder holding ``pytorch_lora_weights.safetensors`` or the file itself; a
+    kohya-format file (ComfyUI / kohya sd-scripts / A1111, or ``diffalign export-lora``) is
+    converted to diffusers' layout for ``denoiser`` (its layer names depend on the model).
     ``component``: "unet" or "transformer" (the key prefix); ``state``: the diffusers-format
     tensors with that prefix; ``adapter_metadata``: the peft LoraConfig dict stored in the header
     (rank, alpha, target modules), or None for a file without it (alpha then equals rank).
@@ -317,6 +321,10 @@ def read_lora_file(lora_dir: str | os.PathLike) -> tuple[str, dict[str, torch.Te
             header = f.metadata() or {}
     except (OSError, safetensors.SafetensorError) as err:
         raise UserError(f"{path} is not a readable safetensors LoRA file ({err})") from None
+    from diffalign import kohya
+
+    if kohya.is_kohya_state(state):
+        return _kohya_as_diffusers(path, state, denoiser)
     prefixes = {key.split(".", 1)[0] for key in state}
     if len(prefixes) != 1 or next(iter(prefixes)) not in ("unet", "transformer"):
         raise UserError(f"{path} holds LoRA weights for {sorted(prefixes)}; expected only unet or transformer")
@@ -324,16 +332,55 @@ def read_lora_file(lora_dir: str | os.PathLike) -> tuple[str, dict[str, torch.Te
     return prefixes.pop(), state, (json.loads(raw_meta) if raw_meta else None)
 
 
+def family_of_denoiser(denoiser: torch.nn.Module) -> str:
+    """``"sd"``, ``"sdxl"``, ``"flux"`` or ``"sd3"`` from a denoiser's class (and SDXL's added time ids)."""
+    name = type(denoiser).__name__
+    if name.startswith("Flux"):
+        return "flux"
+    if name.startswith("SD3"):
+        return "sd3"
+    return "sdxl" if getattr(denoiser.config, "addition_embed_type", None) == "text_time" else "sd"
+
+
+def _kohya_as_diffusers(path: Path, state: dict[str, torch.Tensor], denoiser: torch.nn.Module | None):
+    """A kohya-format file as ``(component, diffusers-format state, adapter metadata)`` for ``denoiser``:
+    each layer's down/up/alpha become its peft A/B with rank and alpha per layer (fused FLUX/SD3
+    layers split into their parts, see :mod:`diffalign.kohya`)."""
+    from collections import Counter
+
+    from diffalign import kohya
+
+    if denoiser is None:
+        raise UserError(f"{path} is a kohya-format LoRA; it can only be read for a given model (init_lora, sample --lora)")
+    family = family_of_denoiser(denoiser)
+    adapters = kohya.from_kohya(state, kohya.kohya_layout(denoiser, family), source=str(path))
+    if not adapters:
+        raise UserError(f"{path}: a kohya-format file with no LoRA layers")
+    prefix = DENOISER_COMPONENT[family]
+    tensors, ranks, alphas = {}, {}, {}
+    for module, (a, b, scale) in sorted(adapters.items()):
+        tensors[f"{prefix}.{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"{prefix}.{module}.lora_B.weight"] = b.contiguous()
+        ranks[module], alphas[module] = a.shape[0], scale * a.shape[0]
+    (rank, alpha), _ = Counter(zip(ranks.values(), alphas.values())).most_common(1)[0]
+    metadata = {
+        "r": rank, "lora_alpha": alpha, "target_modules": sorted(adapters), "lora_dropout": 0.0,
+        "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha},
+    }  # fmt: skip
+    return prefix, tensors, {f"{prefix}.{key}": value for key, value in metadata.items()}
+
+
 def load_lora(
     denoiser: torch.nn.Module, lora_dir: str | os.PathLike, adapter_name: str = "default"
 ) -> dict[str, torch.nn.Parameter]:
-    """Load a LoRA saved by :func:`save_lora` into ``denoiser`` as adapter ``adapter_name``.
+    """Load a LoRA saved by :func:`save_lora` (or a kohya-format file) into ``denoiser`` as adapter ``adapter_name``.
 
     Reads safetensors only (never pickle), with the stored rank and alpha. The loaded weights
     keep the file's dtype (fp32) and are frozen; returns them (peft names -> Parameter) so a
     trainer can ``requires_grad_(True)`` them to continue training.
     """
-    prefix, state, metadata = read_lora_file(lora_dir)
+    prefix, state, metadata = read_lora_file(lora_dir, denoiser)
     denoiser.load_lora_adapter(state, prefix=prefix, adapter_name=adapter_name, metadata=metadata)
     params = lora_parameters(denoiser, adapter_name)
     for param in params.values():
@@ -366,7 +413,7 @@ def add_trainable_lora(
         if reference != "base":
             raise UserError(f"reference: {reference!r} needs init_lora: PATH (the LoRA to continue from)")
         return add_lora(denoiser, family, settings)
-    prefix, _, _ = read_lora_file(init_lora)
+    prefix, _, _ = read_lora_file(init_lora, denoiser)
     if prefix != DENOISER_COMPONENT[family]:
         raise UserError(
             f"init_lora: {init_lora} is a LoRA for a {prefix} (another model family); this {family} model needs "

@@ -188,3 +188,30 @@ def test_kohya_layout_names_every_default_target_of_full_size_models():
             assert "lora_unet_output_blocks_5_1_proj_out" in layout and "lora_unet_middle_block_1_proj_in" in layout
         if family == "flux":
             assert [w for _, w in layout["lora_unet_single_blocks_37_linear1"]] == [3072, 3072, 3072, 12288]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_init_lora_reads_a_kohya_file(family, tiny_pipe, tmp_path):
+    """init_lora accepts the kohya export (FLUX: its fused BFL layers split back): the continued
+    adapter has the trained rank, alpha and weights, and draws the trained image."""
+    from diffalign.lora import add_trainable_lora, lora_state_dict
+
+    run, pipe, denoiser = trained_run(tiny_pipe, tmp_path, family)
+    expected, trained = generate(pipe, family), lora_state_dict(denoiser)
+    out = export_kohya(run / "final", tmp_path / "k.safetensors")
+    fresh = tiny_pipe(TINY[family])
+    fresh_denoiser = fresh.unet if family == "sdxl" else fresh.transformer
+    params = add_trainable_lora(fresh_denoiser, family, LoraSettings(rank=4, alpha=8), init_lora=str(out))
+    assert params and all(p.requires_grad for p in params)
+    config = fresh_denoiser.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern) == (4, 8.0, {}, {})
+    continued = lora_state_dict(fresh_denoiser)
+    assert continued.keys() == trained.keys()
+    assert all(torch.allclose(continued[k], trained[k], atol=1e-7) for k in trained)
+    assert (generate(fresh, family) - expected).abs().max() < 1e-4
+
+    with pytest.raises(UserError, match="is a rank-4 LoRA with alpha 8, but lora.rank=8"):
+        add_trainable_lora(tiny_pipe(TINY[family]).unet if family == "sdxl" else tiny_pipe(TINY[family]).transformer,
+                           family, LoraSettings(rank=8, alpha=8), init_lora=str(out))
+    with pytest.raises(UserError, match="is not a layer of this model; was the LoRA trained for another model family"):
+        add_trainable_lora(tiny_pipe("tiny-sd").unet, "sd", LoraSettings(rank=4, alpha=8), init_lora=str(out))
