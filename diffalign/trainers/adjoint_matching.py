@@ -9,9 +9,15 @@ Each step:
 2. scores the final latents x1 and takes the reward gradient through the VAE decoder;
 3. solves the lean adjoint backwards from a(1) = -lambda * grad r(x1) by vector-Jacobian products
    through the *base* step (LoRA disabled): a_k = (d mean_k^base / d x)(x_k)^T a_{k+1};
-4. at a few random steps k of each trajectory regresses the control onto the adjoint:
+4. at K random steps k of each trajectory regresses the control onto the adjoint:
 
-       loss = sum_k || (mean_k^fine - mean_k^base) / std_k + std_k * a_{k+1} ||^2   (summed over C, H, W)
+       loss = mean_k || (mean_k^fine - mean_k^base) / std_k + std_k * a_{k+1} ||^2   (summed over C, H, W)
+
+   averaged over batch x K as the official code does (``loss_reduction: sum`` sums over k instead).
+   As in the official default, classifier-free guidance shapes only the sampling: the adjoint and
+   the control are the unguided conditional drifts (``adjoint_guidance: true`` guides them too),
+   and ``empty_prompt_fraction`` (0.2) of the batches use the empty prompt, which fine-tunes the
+   unconditional branch that guidance uses.
 
    = sum_k dt_k ||u + sigma a||^2 with control u = (b_fine - b_base) / sigma, drift b = (mean - x)/dt
    and diffusion sigma = std / sqrt(dt) (see ``losses.adjoint_matching_loss``). The adjoint is taken
@@ -26,6 +32,7 @@ With lambda the optimum is p*(x) ∝ p_base(x) exp(lambda r(x)); ``loss_clip`` d
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import torch
@@ -72,7 +79,20 @@ class AdjointMatchingSettings(BaseModel):
         10, ge=1, description="Steps of each trajectory drawn (without replacement) for the regression loss."
     )
     guidance_scale: float | None = Field(
-        None, ge=0, description="CFG scale of both base and fine-tuned drift; null = the family default."
+        None, ge=0, description="CFG scale of the sampling; null = the family default. The adjoint and the control "
+        "use it too only with adjoint_guidance."
+    )
+    adjoint_guidance: bool = Field(
+        False, description="Also guide the lean adjoint (base drift) and the regressed control with guidance_scale. "
+        "false (official default): guidance only in sampling; adjoint and control are the unguided conditional drifts."
+    )
+    empty_prompt_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of micro-batches that use the empty prompt throughout (sampling, adjoint, "
+        "regression), so the unconditional branch that CFG uses is fine-tuned too (official: 0.2)."
+    )
+    loss_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="How the K regressed steps of a trajectory combine: mean over batch x K (official) or the "
+        "sum over K of batch means (K times the gradient at the same learning rate)."
     )
     loss_clip: float | None = Field(
         None, gt=0, description="Per-sample, per-step loss clipping: terms above it give no gradient; null = off."
@@ -115,6 +135,14 @@ def terminal_adjoint(policy: DiffusionPolicy, reward, final_latents: Tensor, pro
         rewards = reward(policy.decode(x1), prompts)
         (grad,) = torch.autograd.grad(rewards.sum(), x1)
     return -multiplier * grad, rewards.detach()
+
+
+def prompts_or_empty(prompts: list[str], fraction: float, generator: torch.Generator) -> list[str]:
+    """``prompts``, or with probability ``fraction`` (one draw per batch) as many empty prompts:
+    that batch trains the unconditional branch classifier-free guidance uses."""
+    if float(torch.rand((), generator=generator)) < fraction:
+        return [""] * len(prompts)
+    return prompts
 
 
 def loss_steps(trajectory: Trajectory, policy: DiffusionPolicy, count: int, generator: torch.Generator) -> list[int]:
@@ -178,7 +206,9 @@ class AdjointMatchingTrainer:
             metrics: dict[str, float] = {}
             for _ in range(accumulation):
                 # 1. sample: trajectories of the fine-tuned model, memoryless noise, no gradient
-                batch_prompts = draw_prompts(prompts, cfg.train.batch_size, prompt_generator)
+                batch_prompts = prompts_or_empty(
+                    draw_prompts(prompts, cfg.train.batch_size, prompt_generator), am.empty_prompt_fraction, prompt_generator
+                )
                 with torch.no_grad(), run.accelerator.autocast():
                     cond = policy.encode_prompts(batch_prompts, with_uncond=guidance != 1.0)
                     trajectory = policy.sample(
@@ -189,19 +219,22 @@ class AdjointMatchingTrainer:
                 # 2. score: the reward and its gradient at x1, through the decoder
                 with run.accelerator.autocast():
                     a_final, rewards = terminal_adjoint(policy, reward, trajectory.final_latents, batch_prompts, am.reward_multiplier)
-                # 3. advantages: the lean adjoint, solved backwards through the base model
+                # 3. advantages: the lean adjoint, solved backwards through the base model (unguided
+                # unless adjoint_guidance: the guidance shaped the samples only)
+                regressed = trajectory if am.adjoint_guidance else dataclasses.replace(trajectory, guidance_scale=1.0)
                 with run.accelerator.autocast():
-                    adjoints, base_means = lean_adjoint(policy, trajectory, a_final)
+                    adjoints, base_means = lean_adjoint(policy, regressed, a_final)
                 # 4. update: regress the control at a few steps (one backward per step), then step
                 micro = {"loss": 0.0, "control_norm": 0.0, "target_norm": 0.0, "clip_frac": 0.0}
                 steps = loss_steps(trajectory, policy, am.timesteps_per_trajectory, generator)
+                per_step = 1.0 / len(steps) if am.loss_reduction == "mean" else 1.0
                 for k in steps:
                     with run.accelerator.autocast():
-                        _, fine_mean, std = policy.step_distribution(trajectory, k)
+                        _, fine_mean, std = policy.step_distribution(regressed, k)
                         loss, terms = adjoint_matching_loss(fine_mean, base_means[:, k], std, adjoints[:, k + 1], am.loss_clip)
-                    run.backward(loss / accumulation)
+                    run.backward(loss * per_step / accumulation)
                     for key in micro:
-                        micro[key] += terms[key] / (len(steps) if key in ("clip_frac",) else 1.0)
+                        micro[key] += terms[key] * (1.0 / len(steps) if key == "clip_frac" else per_step)
                 micro["reward"] = rewards.mean()
                 micro["adjoint_norm_x0"] = adjoints[:, 0].flatten(1).norm(dim=1).mean()
                 for key, value in micro.items():
