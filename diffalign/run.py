@@ -547,7 +547,9 @@ class Run:
 
             write_report(self.out_dir)
         except Exception as exc:  # noqa: BLE001  (matplotlib or a disk problem must not end training)
-            self.accelerator.print(f"warning: {self.out_dir / 'report.html'} not written: {exc}")
+            from diffalign.console import warn_once  # once per run, not at every checkpoint
+
+            warn_once(f"{self.out_dir / 'report.html'} not written: {exc}")
 
     def checkpoints(self) -> list[Path]:
         """This run's checkpoint folders, oldest first."""
