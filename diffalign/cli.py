@@ -68,7 +68,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.npo:
         from diffalign.pipelines.npo import apply_npo_to_pipeline
 
-        apply_npo_to_pipeline(pipe, args.npo, args.npo_scale)
+        apply_npo_to_pipeline(pipe, args.npo, args.npo_scale, args.npo_merge_weight)
     kwargs = pipeline_call_defaults(args.model)
     for key in ("height", "width"):
         if getattr(args, key):
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", help="LoRA folder to load with pipe.load_lora_weights (e.g. runs/x/final)")
     gen.add_argument("--npo", help="negative LoRA folder used for the unconditional branch (Diffusion-NPO)")
     gen.add_argument("--npo-scale", type=float, default=1.0, help="strength of the negative LoRA")
+    gen.add_argument("--npo-merge-weight", type=float, default=0.0,
+                     help="beta: the negative branch runs the positive LoRAs at 1 - beta (0 = full, 1 = base + negative)")
     which = gen.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", help="one prompt; --out is the PNG path")
     which.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line; --out is a folder")

@@ -64,6 +64,8 @@ class _NPOState:
     adapter_params: list[torch.nn.Parameter]  # every LoRA parameter of those layers
     created_peft: bool  # the denoiser had no peft adapters before enable_npo
     peft_flag: Any  # the denoiser's ``_hf_peft_config_loaded`` before (or _MISSING)
+    merge_weight: float = 0.0  # beta: the negative branch runs base + delta + (1 - beta)(positive - base)
+    all_layers: list = field(default_factory=list)  # every tuner layer (the positive adapters scaled by 1 - beta)
     wrapped: dict[str, Any] = field(default_factory=dict)  # denoiser attribute -> previous instance value
     pipe_wrapped: dict[str, Any] = field(default_factory=dict)  # pipeline attribute -> previous instance value
     loop_depth: int = 0  # > 0 while the pipeline's denoising loop runs
@@ -143,6 +145,15 @@ def _negative_branch(state: _NPOState, fast_path: bool = True) -> Iterator[None]
     ``requires_grad`` flags are put back afterwards.
     """
     name = state.adapter_name
+    scaled = []  # (scaling dict, adapter, value) of positive adapters scaled by 1 - merge_weight
+    if state.merge_weight:
+        for layer in state.all_layers:
+            scaling = getattr(layer, "scaling", None)
+            if isinstance(scaling, dict) and not layer.disable_adapters:
+                for adapter in layer.active_adapters:
+                    if adapter != name and adapter in scaling:
+                        scaled.append((scaling, adapter, scaling[adapter]))
+                        scaling[adapter] = scaling[adapter] * (1.0 - state.merge_weight)
     saved = [(list(layer.active_adapters), layer.disable_adapters) for layer in state.layers]
     fast = fast_path and all("_active_adapter" in vars(layer) and "_disable_adapters" in vars(layer) for layer in state.layers)
     flags = None if fast else [p.requires_grad for p in state.adapter_params]
@@ -165,6 +176,8 @@ def _negative_branch(state: _NPOState, fast_path: bool = True) -> Iterator[None]
         if flags is not None:
             for param, flag in zip(state.adapter_params, flags):
                 param.requires_grad_(flag)
+        for scaling, adapter, value in scaled:
+            scaling[adapter] = value
 
 
 def _half(obj: Any, batch: int, index: int) -> Any:
@@ -277,6 +290,7 @@ def enable_npo(
     scale: float = 1.0,
     adapter_name: str = NPO_ADAPTER_NAME,
     weight_name: str | None = None,
+    merge_weight: float = 0.0,
 ):
     """Guide ``pipe`` with a negative LoRA in place of its unconditional branch (see module doc).
 
@@ -285,11 +299,16 @@ def enable_npo(
         weights are used. Alpha is read from the file's adapter metadata, as a stock
         ``load_lora_weights`` does.
     scale: strength of the negative LoRA (multiplies its alpha / rank).
+    merge_weight: beta of the Diffusion-NPO authors' code (G-U-N/Diffusion-NPO): the negative
+        branch is ``base + delta + (1 - beta) (positive - base)``, i.e. the positive LoRAs run at
+        ``1 - beta`` of their strength there. 0 (default) = positive + delta; 1 = base + delta.
     Returns ``pipe`` (changed in place). Raises ValueError if NPO is already enabled, the pipeline
     family is not SD/SDXL/FLUX, or ``adapter_name`` is taken.
     """
     family = _family(pipe)
     denoiser = _denoiser(pipe)
+    if not 0.0 <= merge_weight <= 1.0:
+        raise ValueError(f"merge_weight must be in [0, 1], got {merge_weight}")
     if getattr(denoiser, _STATE_ATTR, None) is not None:
         raise ValueError("NPO is already enabled on this pipeline; call disable_npo(pipe) first")
     if adapter_name in getattr(denoiser, "peft_config", {}):
@@ -341,6 +360,8 @@ def enable_npo(
         adapter_params=params,
         created_peft=created_peft,
         peft_flag=peft_flag,
+        merge_weight=float(merge_weight),
+        all_layers=layers,
     )
     if family == "flux":
         _wrap_cache_context(denoiser, state)
@@ -392,7 +413,7 @@ def disable_npo(pipe):
     return pipe
 
 
-def apply_npo_to_pipeline(pipe, npo_path: str | os.PathLike, scale: float = 1.0):
+def apply_npo_to_pipeline(pipe, npo_path: str | os.PathLike, scale: float = 1.0, merge_weight: float = 0.0):
     """``diffalign generate --npo PATH``: check the LoRA, then :func:`enable_npo`.
 
     A LoRA written by diffalign must be marked negative (``"negative": "true"`` in its metadata,
@@ -422,4 +443,6 @@ def apply_npo_to_pipeline(pipe, npo_path: str | os.PathLike, scale: float = 1.0)
             )
     if scale < 0:
         raise UserError(f"--npo-scale {scale}: must be >= 0 (it scales the negative LoRA)")
-    return enable_npo(pipe, path, scale=scale)
+    if not 0.0 <= merge_weight <= 1.0:
+        raise UserError(f"--npo-merge-weight {merge_weight}: must be in [0, 1] (0 = positive + negative LoRA, 1 = base + negative LoRA)")
+    return enable_npo(pipe, path, scale=scale, merge_weight=merge_weight)

@@ -172,6 +172,32 @@ def test_positive_lora_guides_the_conditional_branch_and_carries_the_negative_on
     assert torch.equal(_pipeline_latents(pipe, latents), stock)
 
 
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_merge_weight_scales_the_positive_lora_in_the_negative_branch(lora_dirs, beta):
+    """The Diffusion-NPO authors' merge weight (G-U-N/Diffusion-NPO): the negative model is
+    base + delta + (1 - beta)(positive - base). By hand: a second pipeline with the positive LoRA
+    at strength 1 - beta and the negative one at 1 (diffusers' own set_adapters); the positive
+    branch keeps the full positive LoRA, and after the call its scale is back to 1."""
+    name = "tiny-sd"
+    pipe = load_pipeline(name)
+    pipe.load_lora_weights(lora_dirs[name]["positive"], adapter_name="pos")
+    negative_model = load_pipeline(name)
+    negative_model.load_lora_weights(lora_dirs[name]["positive"], adapter_name="pos")
+    negative_model.load_lora_weights(lora_dirs[name]["trained"], adapter_name="neg")
+    negative_model.set_adapters(["pos", "neg"], [1.0 - beta, 1.0])
+    latents = _latents(pipe, seed=5)
+    stock = _pipeline_latents(pipe, latents)
+
+    enable_npo(pipe, lora_dirs[name]["trained"], merge_weight=beta)
+    torch.testing.assert_close(
+        _pipeline_latents(pipe, latents), _hand_written_npo(pipe, negative_model, latents), rtol=1e-5, atol=1e-5
+    )
+    disable_npo(pipe)
+    assert torch.equal(_pipeline_latents(pipe, latents), stock)  # the positive LoRA at full strength again
+    with pytest.raises(ValueError, match=r"merge_weight must be in \[0, 1\], got 1.5"):
+        enable_npo(pipe, lora_dirs[name]["trained"], merge_weight=1.5)
+
+
 def test_negative_lora_scale_zero_and_no_cfg_leave_the_pipeline_unchanged(lora_dirs):
     name = "tiny-sdxl"
     pipe = load_pipeline(name)
