@@ -131,12 +131,13 @@ class JsonlPairs:
 class PickAPicPairs:
     """Pairs in the Pick-a-Pic schema from a hub dataset id or a local parquet/arrow folder.
 
-    Ties (label_0 = 0.5) are dropped when the dataset is opened.
+    Ties (label_0 = 0.5) are dropped when the dataset is opened, unless ``keep_ties`` (the
+    Diffusion-NPO authors' code keeps them, ordered like label_0 = 0: jpg_1 as chosen).
     """
 
     COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 
-    def __init__(self, source: str, split: str = "train", max_samples: int | None = None) -> None:
+    def __init__(self, source: str, split: str = "train", max_samples: int | None = None, keep_ties: bool = False) -> None:
         self.source = source
         dataset = self._open(source, split)
         missing = [c for c in self.COLUMNS if c not in dataset.column_names]
@@ -150,7 +151,7 @@ class PickAPicPairs:
         for i, label in enumerate(labels):
             if label not in (0, 1, 0.5, 0.0, 1.0):
                 raise UserError(f"data.source {source!r} row {i}: label_0 must be 0, 0.5 or 1, got {label!r}")
-            if label != 0.5:
+            if label != 0.5 or keep_ties:
                 keep.append(i)
         if max_samples is not None:
             keep = keep[:max_samples]
@@ -208,9 +209,12 @@ class PickAPicPairs:
         return PreferencePair(row["caption"], chosen, rejected, where)
 
 
-def open_preference_pairs(source: str, split: str = "train", max_samples: int | None = None, cache_dir: str | None = None):
+def open_preference_pairs(
+    source: str, split: str = "train", max_samples: int | None = None, cache_dir: str | None = None,
+    keep_ties: bool = False,
+):
     """Open ``data.source``: ``builtin:NAME``, a ``.jsonl`` manifest, a local dataset folder or a
-    hub dataset id."""
+    hub dataset id. ``keep_ties``: keep Pick-a-Pic's label_0 = 0.5 pairs (see PickAPicPairs)."""
     if source.startswith(BUILTIN_PREFIX):
         source = str(builtin_pairs(source[len(BUILTIN_PREFIX):], cache_dir))
     if source.endswith(".jsonl"):
@@ -218,7 +222,7 @@ def open_preference_pairs(source: str, split: str = "train", max_samples: int | 
         if max_samples is not None:
             pairs.rows = pairs.rows[:max_samples]
         return pairs
-    return PickAPicPairs(source, split, max_samples)
+    return PickAPicPairs(source, split, max_samples, keep_ties)
 
 
 class PairSubset:

@@ -93,6 +93,21 @@ def test_pickapic_labels_and_ties(tmp_path):
     assert second.prompt == "b" and second.chosen.getpixel((0, 0)) == (0, 0, 0)
 
 
+def test_pickapic_ties_kept_on_request_in_the_npo_authors_order(tmp_path):
+    """keep_ties (Diffusion-NPO's own data loading, G-U-N/Diffusion-NPO DPO-DPO-NPO/train_sd15.py:
+    only label_0 == 1 swaps the order) keeps the label_0 = 0.5 pair, with jpg_1 as chosen like
+    label_0 = 0; negative training then prefers jpg_0 there."""
+    white, black = _png((255, 255, 255)), _png((0, 0, 0))
+    folder = _pickapic_parquet(tmp_path / "pap", [
+        {"caption": "a", "jpg_0": white, "jpg_1": black, "label_0": 1.0},
+        {"caption": "tie", "jpg_0": white, "jpg_1": black, "label_0": 0.5},
+    ])
+    assert len(open_preference_pairs(str(folder))) == 1
+    pairs = open_preference_pairs(str(folder), keep_ties=True)
+    assert len(pairs) == 2 and pairs[1].prompt == "tie"
+    assert pairs[1].chosen.getpixel((0, 0)) == (0, 0, 0) and pairs[1].rejected.getpixel((0, 0)) == (255, 255, 255)
+
+
 def test_pickapic_bad_rows_and_schema(tmp_path):
     folder = _pickapic_parquet(tmp_path / "bad", [
         {"caption": "a", "jpg_0": b"garbage", "jpg_1": _png((0, 0, 0)), "label_0": 1.0},

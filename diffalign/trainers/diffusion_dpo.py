@@ -65,6 +65,10 @@ class PairDataSettings(BaseModel):
     max_samples: int | None = Field(None, ge=1, description="Use at most this many pairs.")
     random_crop: bool = Field(False, description="Random instead of centre square crop (same crop for both images).")
     random_flip: bool = Field(True, description="Horizontal flip with p=0.5 (same flip for both images).")
+    keep_ties: bool = Field(
+        False, description="Keep Pick-a-Pic tie pairs (label_0 = 0.5), ordered as label_0 = 0 (jpg_1 chosen), as the "
+        "Diffusion-NPO authors' code does for negative training; false drops them (Diffusion-DPO)."
+    )
     eval_pairs: int = Field(
         0, ge=0, description="Hold out the last N pairs: preference accuracy on them is logged at start, "
         "every logging.sample_every steps and at the end."
@@ -192,7 +196,8 @@ class DiffusionDPOTrainer:
         self.policy = policy
         optimizer, lr_scheduler = build_optimization(cfg, params)
         with run.accelerator.main_process_first():
-            pairs = open_preference_pairs(cfg.data.source, cfg.data.split, cfg.data.max_samples)
+            pairs = open_preference_pairs(cfg.data.source, cfg.data.split, cfg.data.max_samples,
+                                          keep_ties=cfg.data.keep_ties)
         pairs, eval_pairs = split_pairs(pairs, cfg.data.eval_pairs)
         sampler = EpochSampler(len(pairs), cfg.train.batch_size, cfg.seed, run.accelerator.process_index, run.accelerator.num_processes)
         generator = torch.Generator().manual_seed(cfg.seed + 7919 * run.accelerator.process_index)
