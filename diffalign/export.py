@@ -4,8 +4,8 @@
     diffalign export-lora runs/x/final --merge --out merged/                # full diffusers model, no LoRA
     diffalign export-lora runs/x/final --merge --out unet.safetensors       # the merged denoiser, one file
 
-The base model is read from the run's ``config.yaml`` (next to ``final/`` or above a
-checkpoint), or given with ``--model``. Nothing existing is ever overwritten.
+The base model is read from the run's ``config.yaml`` (next to ``final/``), or given with
+``--model``. Nothing existing is ever overwritten.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from diffalign.errors import UserError
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("lora", help="a LoRA folder written by diffalign (runs/x/final or a checkpoint), or its .safetensors")
+    parser.add_argument("lora", help="a LoRA folder written by diffalign train (runs/x/final), or its .safetensors file")
     parser.add_argument("--out", required=True, help="kohya: a new .safetensors file; --merge: a new folder, or a .safetensors file")
     parser.add_argument("--format", choices=["kohya"], default="kohya", help="LoRA file format (kohya: ComfyUI / A1111 / Forge)")
     parser.add_argument("--merge", action="store_true", help="write the base model with the LoRA merged in, instead of a LoRA file")

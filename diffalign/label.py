@@ -239,9 +239,11 @@ def create_app(pairs_dir: str | os.PathLike, default_name: str | None = None):
 
 def make_server(pairs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8765, name: str | None = None):
     """A uvicorn server for the page (``.run()`` serves until ``.should_exit`` is set or Ctrl-C)."""
-    import uvicorn
-
     app = create_app(pairs_dir, name)
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError("diffalign label needs the label extra: pip install 'diffalign[label]'") from None
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
 
 
