@@ -257,8 +257,11 @@ def export_pickapic(pairs_dir: str | os.PathLike, out: str | os.PathLike, name: 
     One labeller's labels with ``name``; otherwise every labeller's, by majority (an even split
     is a tie). Skipped and unlabelled pairs are left out. Returns (file, rows).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("diffalign label export needs pyarrow: pip install 'diffalign[label]'") from None
 
     pairs_dir, out = Path(pairs_dir), Path(out)
     pairs = read_template(pairs_dir)
