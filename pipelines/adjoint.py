@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .base import DiffusionPolicy, Trajectory
+from .base import DiffusionPolicy, Trajectory, sde_step_kwargs
 
 # One step mean of the base sampler: (step index k, x_k [B, C, h, w]) -> mean_k(x_k) [B, C, h, w].
 StepMean = Callable[[int, Tensor], Tensor]
@@ -47,6 +47,14 @@ def memoryless_noise_level(family: str) -> float:
     if family in ("sd", "sdxl"):
         return 1.0
     raise ValueError(f"unknown model family {family!r}; expected 'sd', 'sdxl', 'flux' or 'sd3'")
+
+
+def memoryless_sde_type(family: str) -> str:
+    """The sampler ``sde_type`` of the memoryless schedule: "memoryless" for flow models (the flow
+    SDE with sigma = 1 capped in numerator and denominator, which makes the first step's mean
+    independent of the starting noise; see ``samplers.flow_sde_std``), "sde" (DDIM) for SD/SDXL."""
+    memoryless_noise_level(family)  # the same families, the same error for others
+    return "sde" if family in ("sd", "sdxl") else "memoryless"
 
 
 def memoryless_flow_sigma(t: Tensor | float, t_min: float = 1e-3) -> Tensor:
@@ -100,8 +108,9 @@ def base_step_mean(policy: DiffusionPolicy, trajectory: Trajectory, checkpoint: 
         t, t_next = trajectory.timesteps[k], trajectory.next_timesteps[k]
         model_out = policy.predict(x_k, t, trajectory.cond, trajectory.guidance_scale, checkpoint=checkpoint)
         _, _, mean, _ = policy.step(
-            model_out, x_k, t, t_next, trajectory.noise_level,
+            model_out, x_k, t, t_next, trajectory.noise_level_at(k),
             timesteps=trajectory.timesteps, prev_sample=trajectory.latents[:, k + 1],
+            **sde_step_kwargs(trajectory.sde_type),
         )
         return mean
 

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .samplers import flow_static_shift_sigmas
+
 # Conditioning fields that carry a batch dimension (text_ids is per-sequence, shared).
 _BATCHED_FIELDS = ("embeds", "pooled", "time_ids", "guidance")
 
@@ -106,6 +108,12 @@ class Trajectory:
     images:         [B, 3, H, W] in [0, 1] (carries gradients when sampled with grad_steps)
     final_latents:  [B, C, h, w] the last latents, with gradients when sampled with grad_steps
     cond, guidance_scale, noise_level: how it was sampled, so transitions can be re-scored.
+    sde_type:       the stochastic step: "sde" (DDIM with eta, or Flow-GRPO's flow SDE), and for
+                    flow models "cps" (coefficients-preserving) or "memoryless" (Adjoint Matching)
+    sde_window:     (start, end): only steps start <= k < end were stochastic; the others ran the
+                    deterministic step (noise level 0, log-prob 0). None: every step.
+    means:          [B, T, C, h, w] each step's Gaussian mean at sampling time (``record_means``;
+                    GRPO-Guard's ratio normalisation needs it), else None
     """
 
     latents: Tensor
@@ -117,10 +125,17 @@ class Trajectory:
     noise_level: float
     images: Tensor | None = None
     final_latents: Tensor | None = None
+    sde_type: str = "sde"
+    sde_window: tuple[int, int] | None = None
+    means: Tensor | None = None
 
     @property
     def num_steps(self) -> int:
         return self.timesteps.shape[0]
+
+    def noise_level_at(self, step: int) -> float:
+        """The noise level step ``step`` ran with: ``noise_level`` inside the SDE window, else 0."""
+        return step_noise_level(self.noise_level, self.sde_window, step)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -134,7 +149,16 @@ class Trajectory:
             cond=self.cond.select(index),
             images=None if self.images is None else self.images[index],
             final_latents=None if self.final_latents is None else self.final_latents[index],
+            means=None if self.means is None else self.means[index],
         )
+
+
+def step_noise_level(noise_level: float, sde_window: tuple[int, int] | None, step: int) -> float:
+    """The noise level of sampler step ``step``: ``noise_level`` inside ``sde_window`` (start
+    inclusive, end exclusive; None = every step), 0 (the deterministic step) outside it."""
+    if sde_window is None or sde_window[0] <= step < sde_window[1]:
+        return noise_level
+    return 0.0
 
 
 @contextlib.contextmanager
@@ -184,6 +208,11 @@ def adapter_only(module: torch.nn.Module, adapter_name: str) -> Iterator[torch.n
             param.requires_grad_(flag)
 
 
+def sde_step_kwargs(sde_type: str) -> dict[str, str]:
+    """``step``'s keyword for a non-default step type (families with only "sde" need not take it)."""
+    return {} if sde_type == "sde" else {"sde_type": sde_type}
+
+
 class DiffusionPolicy(abc.ABC):
     """What every family shares: guidance, the sampling loop and transition re-scoring.
 
@@ -196,6 +225,8 @@ class DiffusionPolicy(abc.ABC):
     # The frozen adapter that is the reference model (``reference: init``: base + the LoRA the run
     # continued from); None: the base model, i.e. every adapter off.
     reference_adapter: str | None = None
+    # The stochastic steps ``step`` implements (``sample(sde_type=...)``); flow families add more.
+    sde_types: tuple[str, ...] = ("sde",)
 
     def __init__(self, pipe, denoiser: torch.nn.Module) -> None:
         self.pipe = pipe
@@ -351,32 +382,45 @@ class DiffusionPolicy(abc.ABC):
         grad_steps: int = 0,
         checkpoint: bool = False,
         decode: bool = True,
+        sde_type: str = "sde",
+        sde_window: tuple[int, int] | None = None,
+        schedule_shift: float | None = None,
+        record_means: bool = False,
     ) -> Trajectory:
         """Sample ``len(cond)`` chains with ``num_steps`` steps, recording every transition.
 
         noise_level: DDIM eta for SD/SDXL; the flow SDE's ``a`` for FLUX (0 = deterministic).
+        sde_type: one of the family's ``sde_types`` ("sde"; flow models also "cps", "memoryless").
+        sde_window: (start, end): steps outside it run deterministically (the ODE / DDIM eta 0;
+            Flow-GRPO-Fast's and MixGRPO's SDE window). None: every step uses ``noise_level``.
+        schedule_shift: see :meth:`sampling_schedule`. record_means: keep each step's mean.
         latents: starting noise [B, C, h, w] (e.g. from ``initial_noise(group_size=G)``).
         grad_steps: gradients flow through the last ``grad_steps`` steps (-1: all; 0: none);
             earlier steps run under no_grad. ``checkpoint`` checkpoints each denoiser call.
         """
+        if sde_type not in self.sde_types:
+            raise ValueError(f"sde_type {sde_type!r} is not available for the {self.family} family; "
+                             f"it has {', '.join(self.sde_types)}")
         height = height or self.default_resolution()
         width = width or self.default_resolution()
         batch = len(cond)
         if latents is None:
             latents = self.initial_noise(batch, height, width, generator)
-        timesteps, next_timesteps = self.schedule(num_steps, height, width)
+        timesteps, next_timesteps = self.sampling_schedule(num_steps, height, width, schedule_shift)
         first_grad_step = 0 if grad_steps < 0 else num_steps - grad_steps
         x = latents.float()
-        chain, log_probs = [x.detach()], []
+        chain, log_probs, means = [x.detach()], [], []
         for i in range(num_steps):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_grad_step):
                 model_out = self.predict(x, timesteps[i], cond, guidance_scale, checkpoint=checkpoint)
-                x, log_prob, _, _ = self.step(
-                    model_out, x, timesteps[i], next_timesteps[i], noise_level,
-                    timesteps=timesteps, generator=generator,
+                x, log_prob, mean, _ = self.step(
+                    model_out, x, timesteps[i], next_timesteps[i], step_noise_level(noise_level, sde_window, i),
+                    timesteps=timesteps, generator=generator, **sde_step_kwargs(sde_type),
                 )
             chain.append(x.detach())
             log_probs.append(log_prob.detach())
+            if record_means:
+                means.append(mean.detach())
         images = None
         if decode:
             with torch.set_grad_enabled(torch.is_grad_enabled() and grad_steps != 0):
@@ -391,22 +435,52 @@ class DiffusionPolicy(abc.ABC):
             noise_level=noise_level,
             images=images,
             final_latents=x,
+            sde_type=sde_type,
+            sde_window=sde_window,
+            means=torch.stack(means, dim=1) if record_means else None,
         )
 
+    def sampling_schedule(
+        self, num_steps: int, height: int, width: int, shift: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The family's schedule (:meth:`schedule`), or for flow models with ``shift`` the static
+        shift of Pref-GRPO and SD3 (``sigma = shift s / (1 + (shift - 1) s)`` on s = linspace(1, 0,
+        T + 1), whatever the resolution): model timesteps [T] and where each step lands [T]."""
+        if shift is None:
+            return self.schedule(num_steps, height, width)
+        if getattr(self, "prediction_type", None) != "flow":
+            raise ValueError(f"a static schedule shift needs a flow-matching model; the {self.family} family is not one")
+        sigmas = flow_static_shift_sigmas(num_steps, shift).to(self.device)
+        return sigmas[:-1] * 1000.0, sigmas[1:] * 1000.0
+
     def step_distribution(
-        self, trajectory: Trajectory, step: int, checkpoint: bool = False
+        self, trajectory: Trajectory, step: int | Tensor, checkpoint: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Re-score transition ``step`` of a recorded trajectory under the current weights.
 
-        Returns (log_prob [B], mean, std) of latents[:, step+1] given latents[:, step], with the
-        guidance and noise level used at sampling time. Gradients flow to the adapter.
+        ``step``: one step index for the whole batch, or a [B] tensor of one index per chain (all
+        with the same noise level, e.g. inside the SDE window). Returns (log_prob [B], mean, std)
+        of latents[:, step+1] given latents[:, step], with the guidance, noise level and step
+        type used at sampling time. Gradients flow to the adapter.
         """
-        x_t = trajectory.latents[:, step]
-        t = trajectory.timesteps[step]
+        if isinstance(step, Tensor) and step.ndim == 1:
+            index = step.to(trajectory.latents.device)
+            rows = torch.arange(len(index), device=index.device)
+            x_t, x_next = trajectory.latents[rows, index], trajectory.latents[rows, index + 1]
+            t, t_next = trajectory.timesteps[index], trajectory.next_timesteps[index]
+            levels = {trajectory.noise_level_at(k) for k in index.tolist()}
+            if len(levels) > 1:
+                raise ValueError("step_distribution: per-chain steps must share one noise level (all inside the SDE window)")
+            noise_level = levels.pop()
+        else:
+            step = int(step)
+            x_t, x_next = trajectory.latents[:, step], trajectory.latents[:, step + 1]
+            t, t_next = trajectory.timesteps[step], trajectory.next_timesteps[step]
+            noise_level = trajectory.noise_level_at(step)
         model_out = self.predict(x_t, t, trajectory.cond, trajectory.guidance_scale, checkpoint=checkpoint)
         _, log_prob, mean, std = self.step(
-            model_out, x_t, t, trajectory.next_timesteps[step], trajectory.noise_level,
-            timesteps=trajectory.timesteps, prev_sample=trajectory.latents[:, step + 1],
+            model_out, x_t, t, t_next, noise_level, timesteps=trajectory.timesteps, prev_sample=x_next,
+            **sde_step_kwargs(trajectory.sde_type),
         )
         return log_prob, mean, std
 
@@ -436,4 +510,6 @@ class DiffusionPolicy(abc.ABC):
         prev_sample: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        ...
+        """One sampler step with its log-prob: (prev_sample, log_prob [B], mean, std). A family
+        whose ``sde_types`` lists more than "sde" also takes ``sde_type=`` (passed only when it is
+        not "sde")."""

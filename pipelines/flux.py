@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .base import Conditioning, DiffusionPolicy, sample_posterior
-from .samplers import flow_sde_step_with_logprob
+from .samplers import flow_cps_step_with_logprob, flow_sde_step_with_logprob
 
 
 class FluxPolicy(DiffusionPolicy):
@@ -23,6 +23,7 @@ class FluxPolicy(DiffusionPolicy):
     """
 
     family = "flux"
+    sde_types = ("sde", "cps", "memoryless")
 
     def __init__(
         self,
@@ -144,13 +145,23 @@ class FluxPolicy(DiffusionPolicy):
         all_sigmas = self.flow_scheduler.sigmas.float().to(self.device)
         return all_sigmas[:-1] * 1000.0, all_sigmas[1:] * 1000.0
 
-    def step(self, model_output, x_t, t, t_next, noise_level, timesteps, prev_sample=None, generator=None):
-        """Flow SDE step (``flow_sde_step_with_logprob``); sigma = 1 is capped at the second
-        sigma of the schedule, as in Flow-GRPO."""
+    def step(self, model_output, x_t, t, t_next, noise_level, timesteps, prev_sample=None, generator=None,
+             sde_type="sde"):
+        """A flow step with its log-prob: Flow-GRPO's SDE (``"sde"``; at sigma = 1 only the
+        denominator is guarded with the schedule's second sigma, as in the reference), the
+        coefficients-preserving step (``"cps"``), or the SDE with sigma capped in the numerator
+        too (``"memoryless"``: Adjoint Matching, see ``samplers.flow_sde_std``)."""
+        sigma = torch.as_tensor(t).float() / 1000.0
+        sigma_next = torch.as_tensor(t_next).float() / 1000.0
+        if sde_type == "cps":
+            return flow_cps_step_with_logprob(model_output, x_t, sigma, sigma_next, noise_level,
+                                              prev_sample=prev_sample, generator=generator)
+        if sde_type not in ("sde", "memoryless"):
+            raise ValueError(f"sde_type must be one of {', '.join(self.sde_types)}, got {sde_type!r}")
         sigma_max = float(timesteps[1]) / 1000.0 if len(timesteps) > 1 else 0.99
         return flow_sde_step_with_logprob(
-            model_output, x_t, torch.as_tensor(t).float() / 1000.0, torch.as_tensor(t_next).float() / 1000.0,
-            noise_level, sigma_max, prev_sample=prev_sample, generator=generator,
+            model_output, x_t, sigma, sigma_next, noise_level, sigma_max, prev_sample=prev_sample,
+            generator=generator, memoryless_cap=sde_type == "memoryless",
         )
 
     def _denoise(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:

@@ -5,9 +5,9 @@ Two processes cover the supported families:
 * **DDPM-type** (SD1.x/2.x, SDXL; epsilon or v-prediction): the DDIM step of Song et al. with
   stochasticity ``eta`` (eta=1 is the DDPM ancestral step, the one D3PO and DDPO use).
 * **Flow matching** (FLUX.1; ``x_sigma = (1 - sigma) x0 + sigma noise``, velocity = noise - x0):
-  the deterministic Euler ODE step and Flow-GRPO's SDE step, whose marginals match the ODE's,
-  with ``std(sigma) = a * sqrt(sigma / (1 - sigma))``. With ``a = sqrt(2)`` this is the memoryless
-  schedule of Adjoint Matching.
+  the deterministic Euler ODE step, Flow-GRPO's SDE step, whose marginals match the ODE's,
+  with ``std(sigma) = a * sqrt(sigma / (1 - sigma))`` (with ``a = sqrt(2)`` the memoryless
+  schedule of Adjoint Matching), and the coefficients-preserving step (CPS).
 
 Every ``*_with_logprob`` function returns ``(prev_sample, log_prob, mean, std)``. The
 log-probability is that of ``prev_sample`` under the step's Gaussian ``N(mean, std^2)``, taken as
@@ -125,15 +125,30 @@ def flow_ode_step(velocity: Tensor, sample: Tensor, sigma: Tensor | float, sigma
     return sample.float() + dt * velocity.float()
 
 
-def flow_sde_std(sigma: Tensor | float, noise_level: float, sigma_max: Tensor | float) -> Tensor:
-    """Diffusion coefficient a * sqrt(sigma / (1 - sigma)) of Flow-GRPO's SDE.
+def flow_sde_std(
+    sigma: Tensor | float, noise_level: float, sigma_max: Tensor | float, memoryless_cap: bool = False
+) -> Tensor:
+    """Diffusion coefficient g = a * sqrt(sigma / (1 - sigma)) of Flow-GRPO's SDE.
 
-    At sigma = 1 the expression diverges, so sigma is capped at ``sigma_max`` (< 1; the sampler
-    passes its second-largest sigma, as Flow-GRPO does) inside the formula.
+    At sigma = 1 the expression diverges. By default only the denominator is guarded, as the
+    reference code does (Flow-GRPO ``sd3_sde_with_logprob.py`` and Pref-GRPO ``grpo/steps.py``:
+    ``sqrt(sigma / (1 - where(sigma == 1, sigma_max, sigma)))``), so the first step of a schedule
+    that starts at sigma = 1 has ``g = a / sqrt(1 - sigma_max)``. ``sigma_max`` (< 1) is the
+    schedule's second sigma, as in the reference.
+
+    ``memoryless_cap`` caps sigma at ``sigma_max`` in the numerator too (``g = a sqrt(sigma_max /
+    (1 - sigma_max))``). Adjoint Matching keeps that form: with its memoryless ``a = sqrt(2)`` and
+    the exact velocity at sigma = 1 (``v = x - E[x0]``), the capped first step has mean
+    ``(1 - sigma_max) E[x0]``, independent of the starting noise (the memoryless property its lean
+    adjoint relies on), whereas the reference guard gives ``-(1 - sigma_max)(x - E[x0])``.
     """
     sigma = torch.as_tensor(sigma, dtype=torch.float32)
-    capped = torch.minimum(sigma, torch.as_tensor(sigma_max, dtype=torch.float32, device=sigma.device))
-    return noise_level * (capped / (1 - capped)).sqrt()
+    cap = torch.as_tensor(sigma_max, dtype=torch.float32, device=sigma.device)
+    if memoryless_cap:
+        capped = torch.minimum(sigma, cap)
+        return noise_level * (capped / (1 - capped)).sqrt()
+    denominator = 1 - torch.where(sigma >= 1, cap, sigma)
+    return noise_level * (sigma / denominator).sqrt()
 
 
 def flow_sde_step_with_logprob(
@@ -145,23 +160,67 @@ def flow_sde_step_with_logprob(
     sigma_max: Tensor | float,
     prev_sample: Tensor | None = None,
     generator: torch.Generator | None = None,
+    memoryless_cap: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One Euler-Maruyama step of the marginal-preserving flow SDE (Flow-GRPO, Liu et al. 2025).
 
     With g = flow_sde_std(sigma) and dt = sigma_next - sigma < 0:
         mean = x + [v + g^2 / (2 sigma) * (x + (1 - sigma) v)] dt,   std = g * sqrt(-dt)
     (x + (1 - sigma) v is the model's noise estimate, so the bracket adds the score correction.)
-    noise_level = 0 gives the ODE step. Returns (prev_sample, log_prob [B], mean, std).
+    noise_level = 0 gives the ODE step. ``memoryless_cap``: see :func:`flow_sde_std`.
+    Returns (prev_sample, log_prob [B], mean, std).
     """
     x, v = sample.float(), velocity.float()
     s = _per_sample(sigma, x)
     s_next = _per_sample(sigma_next, x)
     dt = s_next - s
-    g = _per_sample(flow_sde_std(sigma, noise_level, sigma_max).to(x.device), x)
+    g = _per_sample(flow_sde_std(sigma, noise_level, sigma_max, memoryless_cap).to(x.device), x)
     mean = x + (v + g**2 / (2 * s) * (x + (1 - s) * v)) * dt
     std = g * (-dt).clamp(min=0).sqrt()
     prev_sample, log_prob = _sample_or_score(mean, std, prev_sample, generator)
     return prev_sample, log_prob, mean, std
+
+
+def flow_cps_step_with_logprob(
+    velocity: Tensor,
+    sample: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    noise_level: float,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One coefficients-preserving sampling step (CPS; Wang et al. 2025, "Coefficients-Preserving
+    Sampling for Reinforcement Learning with Flow Matching"; Flow-GRPO ``sde_type="cps"``).
+
+    With the model's estimates x0 = x - sigma v and eps = x + (1 - sigma) v:
+        std  = sigma_next * sin(a * pi / 2)
+        mean = (1 - sigma_next) x0 + sqrt(sigma_next^2 - std^2) eps
+    so a sample keeps exactly the forward process's coefficients, (1 - sigma_next) on x0 and a
+    total noise variance sigma_next^2. a = 0 gives the Euler ODE step; the last step (sigma_next =
+    0) is deterministic. The log-probability is the Gaussian one of every step here (mean over
+    C, H, W); the reference keeps only ``-mean((x - mean)^2)``, which scales the log-ratio by
+    2 std^2. Returns (prev_sample, log_prob [B], mean, std).
+    """
+    x, v = sample.float(), velocity.float()
+    s = _per_sample(sigma, x)
+    s_next = _per_sample(sigma_next, x)
+    std = s_next * math.sin(noise_level * math.pi / 2)
+    x0 = x - s * v
+    eps = x + (1 - s) * v
+    mean = (1 - s_next) * x0 + (s_next**2 - std**2).clamp(min=0).sqrt() * eps
+    prev_sample, log_prob = _sample_or_score(mean, std, prev_sample, generator)
+    return prev_sample, log_prob, mean, std
+
+
+def flow_static_shift_sigmas(num_steps: int, shift: float) -> Tensor:
+    """Sigmas [T + 1] of a static-shift flow schedule (SD3's scheduler shift; Pref-GRPO
+    ``sd3_time_shift``): ``shift * s / (1 + (shift - 1) * s)`` on ``s = linspace(1, 0, T + 1)``.
+    Starts at 1, ends at 0; ``shift = 1`` is the plain linear schedule."""
+    if shift <= 0:
+        raise ValueError(f"schedule shift must be > 0, got {shift}")
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32)
+    return shift * s / (1 + (shift - 1) * s)
 
 
 def memoryless_flow_noise_level() -> float:

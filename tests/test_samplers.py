@@ -20,6 +20,7 @@ import torch
 
 from diffalign.pipelines.samplers import (
     ddim_step_with_logprob,
+    flow_cps_step_with_logprob,
     flow_ode_step,
     flow_sde_std,
     flow_sde_step_with_logprob,
@@ -200,13 +201,96 @@ def test_flow_ode_step_equals_diffusers_euler_step():
 
 def test_flow_sde_std_formula_and_sigma_one_guard():
     """std(sigma) = a sqrt(sigma / (1 - sigma)): a = 0.7, sigma = 0.5 -> 0.7; sigma = 0.8 -> 0.7 * 2 = 1.4.
-    At sigma = 1 the formula diverges; it is capped at sigma_max = 0.8, giving 1.4, finite."""
+    At sigma = 1 the reference (Flow-GRPO sd3_sde_with_logprob.py, Pref-GRPO grpo/steps.py) guards
+    only the denominator: sqrt(1 / (1 - 0.8)) * 0.7 = 0.7 * 2.2360680 = 1.5652476. Adjoint
+    Matching's memoryless cap also caps the numerator: 0.7 * sqrt(0.8 / 0.2) = 1.4."""
     assert flow_sde_std(0.5, 0.7, sigma_max=0.9).item() == pytest.approx(0.7)
     assert flow_sde_std(0.8, 0.7, sigma_max=0.9).item() == pytest.approx(1.4)
-    assert flow_sde_std(1.0, 0.7, sigma_max=0.8).item() == pytest.approx(1.4)
+    assert flow_sde_std(1.0, 0.7, sigma_max=0.8).item() == pytest.approx(1.5652476)
+    assert flow_sde_std(1.0, 0.7, sigma_max=0.8, memoryless_cap=True).item() == pytest.approx(1.4)
+    assert flow_sde_std(0.5, 0.7, sigma_max=0.3, memoryless_cap=True).item() == pytest.approx(0.7 * math.sqrt(0.3 / 0.7))
     x, v = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
     prev, log_prob, mean, std = flow_sde_step_with_logprob(v, x, 1.0, 0.75, 0.7, sigma_max=0.8)
     assert torch.isfinite(prev).all() and torch.isfinite(log_prob).all()
+
+
+def test_flux_first_step_std_is_the_reference_a_at_512px_six_steps():
+    """FLUX at 512 px with 6 steps (issue 10 item 2): the schedule starts at sigma = 1 and its second
+    sigma is sigma_1 = 0.903736 (linspace(1, 1/6, 6) shifted by mu = 0.63). The reference's step 0
+    has g = a / sqrt(1 - sigma_1) and dt = sigma_1 - 1, so std = g sqrt(-dt) = a = 0.7 exactly; the
+    memoryless cap gives a sqrt(sigma_1) = 0.7 * 0.950650 = 0.665455."""
+    from diffalign.pipelines.loading import load_policy
+
+    policy = load_policy("tiny-flux")
+    timesteps, next_timesteps = policy.schedule(6, 512, 512)
+    assert timesteps[1].item() / 1000 == pytest.approx(0.903736, abs=1e-5)
+    x = torch.randn(1, 16, 4, 4)
+    for sde_type, expected in (("sde", 0.7), ("memoryless", 0.7 * math.sqrt(0.903736))):
+        kwargs = {} if sde_type == "sde" else {"sde_type": sde_type}
+        _, _, _, std = policy.step(torch.zeros_like(x), x, timesteps[0], next_timesteps[0], 0.7, timesteps, **kwargs)
+        assert float(std) == pytest.approx(expected, abs=1e-5)
+
+
+def test_memoryless_cap_makes_the_first_step_mean_independent_of_the_start():
+    """With a = sqrt(2) at sigma = 1 -> sigma_1 = 0.8 and the exact velocity v = x - m (m = E[x0]):
+    capped, g^2 = 2 * 0.8 / 0.2 = 8 and mean = x + (v + 4 x) (-0.2) = 0.2 (x - v) = 0.2 m for every
+    x; the reference guard (g^2 = 10) gives mean = x + (v + 5 x)(-0.2) = -0.2 (x - m), which
+    follows the start. This is why Adjoint Matching keeps its cap."""
+    m = torch.full((1, 1, 1, 1), 0.5)
+    for x_value in (-1.0, 2.0):
+        x = torch.full((1, 1, 1, 1), x_value)
+        _, _, capped, _ = flow_sde_step_with_logprob(x - m, x, 1.0, 0.8, math.sqrt(2), 0.8, memoryless_cap=True)
+        _, _, reference, _ = flow_sde_step_with_logprob(x - m, x, 1.0, 0.8, math.sqrt(2), 0.8)
+        assert capped.item() == pytest.approx(0.2 * 0.5, abs=1e-6)
+        assert reference.item() == pytest.approx(-0.2 * (x_value - 0.5), abs=1e-6)
+
+
+# --- coefficients-preserving sampling (CPS) -----------------------------------------------------
+
+
+def test_cps_step_by_hand_and_zero_noise_is_the_ode_step():
+    """One element, x = 1, v = 2, sigma = 0.5 -> 0.25, a = 0.5 (Flow-GRPO's cps branch):
+        std  = 0.25 sin(pi / 4) = 0.1767767
+        x0   = x - sigma v = 0,  eps = x + (1 - sigma) v = 2
+        mean = 0.75 * 0 + sqrt(0.0625 - 0.03125) * 2 = 0.3535534
+    With a = 0: std 0 and mean = 0.75 x0 + 0.25 eps = 0.5 = x + (0.25 - 0.5) v, the Euler ODE step;
+    log-prob 0. The last step (sigma_next = 0) is deterministic whatever a."""
+    x, v = torch.ones(1, 1, 1, 1), torch.full((1, 1, 1, 1), 2.0)
+    _, _, mean, std = flow_cps_step_with_logprob(v, x, 0.5, 0.25, 0.5)
+    assert float(std) == pytest.approx(0.1767767, abs=1e-6) and mean.item() == pytest.approx(0.3535534, abs=1e-6)
+    gen = torch.Generator().manual_seed(3)
+    xs, vs = torch.randn(2, 16, 4, 4, generator=gen), torch.randn(2, 16, 4, 4, generator=gen)
+    prev, log_prob, _, std = flow_cps_step_with_logprob(vs, xs, 0.7, 0.4, 0.0, generator=gen)
+    torch.testing.assert_close(prev, flow_ode_step(vs, xs, 0.7, 0.4), rtol=0, atol=1e-6)
+    assert torch.equal(log_prob, torch.zeros(2)) and float(std) == 0.0
+    prev, log_prob, _, _ = flow_cps_step_with_logprob(vs, xs, 0.2, 0.0, 0.8, generator=gen)
+    torch.testing.assert_close(prev, flow_ode_step(vs, xs, 0.2, 0.0), rtol=0, atol=1e-6)
+    assert torch.equal(log_prob, torch.zeros(2))
+
+
+def test_cps_keeps_the_marginal_coefficients_on_a_1d_gaussian_toy():
+    """1-D toy: data x0 ~ N(1.5, 0.3^2), x_s = (1 - s) x0 + s eps at s = 0.6, and the conditional
+    velocity v = eps - x0 (the model is exact for that pair). A CPS step to s' = 0.35 with a = 0.7
+    gives x' = (1 - s') x0 + sqrt(s'^2 - std^2) eps + std z, so x' - 0.65 x0 has mean 0 and variance
+    s'^2 = 0.1225 exactly (closed form) and x' ~ N(0.65 * 1.5, 0.65^2 * 0.09 + 0.1225) = N(0.975,
+    0.160525): the forward marginal at s'. Flow-GRPO's SDE step with the same a does not keep them
+    (its noise variance at s' is 0.1431 here)."""
+    n = 200_000
+    gen = torch.Generator().manual_seed(0)
+    x0 = 1.5 + 0.3 * torch.randn(n, 1, 1, 1, generator=gen)
+    eps = torch.randn(n, 1, 1, 1, generator=gen)
+    s, s_next, a = 0.6, 0.35, 0.7
+    x = (1 - s) * x0 + s * eps
+    prev, _, mean, std = flow_cps_step_with_logprob(eps - x0, x, s, s_next, a, generator=gen)
+    # closed form, sample by sample: mean = 0.65 x0 + sqrt(s'^2 - std^2) eps
+    c = math.sqrt(s_next**2 - float(std) ** 2)
+    torch.testing.assert_close(mean, (1 - s_next) * x0 + c * eps, rtol=0, atol=1e-6)
+    assert c**2 + float(std) ** 2 == pytest.approx(s_next**2, abs=1e-7)
+    assert prev.mean().item() == pytest.approx(0.975, abs=5e-3)
+    assert prev.var().item() == pytest.approx(0.160525, abs=3e-3)
+    assert (prev - (1 - s_next) * x0).var().item() == pytest.approx(s_next**2, abs=2e-3)
+    sde_prev, _, _, _ = flow_sde_step_with_logprob(eps - x0, x, s, s_next, a, 0.9, generator=gen)
+    assert abs((sde_prev - (1 - s_next) * x0).var().item() - s_next**2) > 1e-2
 
 
 def test_flow_sde_mean_and_std_match_hand_computation():
@@ -352,3 +436,54 @@ def test_reference_log_prob_differs_once_lora_is_nonzero(name):
     lp.sum().backward()
     assert all(p.grad is not None for p in params)
     assert sum(p.grad.abs().sum().item() for p in params) > 0
+
+
+# --- SDE window and step types on the policies -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sde_window_steps_outside_are_the_deterministic_steps(policies, name):
+    """An SDE window (1, 3) of 4 steps: steps 0 and 3 run the deterministic step (their log-probs
+    are 0 and the chain there equals a zero-noise chain's step from the same latents), steps 1 and
+    2 are stochastic; the recorded log-probs recompute, also with per-chain step indices."""
+    policy = policies[name]
+    cond = _cond(policy, ["a red cube", "a blue sphere"], name)
+    latents = policy.initial_noise(2, RES, RES, torch.Generator().manual_seed(5))
+    traj = policy.sample(cond, 4, guidance_scale=3.0, noise_level=_noise_level(name), latents=latents,
+                         generator=torch.Generator().manual_seed(6), height=RES, width=RES, decode=False,
+                         sde_window=(1, 3))
+    assert traj.sde_window == (1, 3) and [traj.noise_level_at(k) for k in range(4)] == [0.0, _noise_level(name), _noise_level(name), 0.0]
+    assert torch.equal(traj.log_probs[:, [0, 3]], torch.zeros(2, 2)) and (traj.log_probs[:, 1:3] != 0).all()
+    ode = policy.sample(cond, 4, guidance_scale=3.0, noise_level=0.0, latents=latents, height=RES, width=RES,
+                        decode=False)
+    torch.testing.assert_close(traj.latents[:, 1], ode.latents[:, 1], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        for step in range(4):
+            torch.testing.assert_close(policy.log_prob(traj, step), traj.log_probs[:, step], rtol=0, atol=1e-5)
+        per_chain = policy.log_prob(traj, torch.tensor([2, 1]))
+        torch.testing.assert_close(per_chain, torch.stack([traj.log_probs[0, 2], traj.log_probs[1, 1]]), rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="share one noise level"):
+            policy.log_prob(traj, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cps_sampling_recomputes_and_is_flow_only(policies, name):
+    policy = policies[name]
+    cond = _cond(policy, ["a red cube", "a blue sphere"], name)
+    if policy.prediction_type != "flow":
+        with pytest.raises(ValueError, match="sde_type 'cps' is not available for the"):
+            policy.sample(cond, 2, noise_level=1.0, sde_type="cps", height=RES, width=RES, decode=False)
+        return
+    latents = policy.initial_noise(2, RES, RES, torch.Generator().manual_seed(7))
+    traj = policy.sample(cond, 3, guidance_scale=3.0, noise_level=0.8, latents=latents, sde_type="cps",
+                         generator=torch.Generator().manual_seed(8), height=RES, width=RES, decode=False)
+    assert traj.sde_type == "cps" and (traj.log_probs[:, :-1] != 0).all()
+    assert torch.equal(traj.log_probs[:, -1], torch.zeros(2))  # lands on sigma = 0: deterministic
+    with torch.no_grad():
+        for step in range(3):
+            torch.testing.assert_close(policy.log_prob(traj, step), traj.log_probs[:, step], rtol=0, atol=1e-5)
+    zero = policy.sample(cond, 3, guidance_scale=3.0, noise_level=0.0, latents=latents, sde_type="cps",
+                         height=RES, width=RES, decode=False)
+    ode = policy.sample(cond, 3, guidance_scale=3.0, noise_level=0.0, latents=latents, height=RES, width=RES,
+                        decode=False)
+    torch.testing.assert_close(zero.final_latents, ode.final_latents, rtol=0, atol=1e-5)

@@ -43,8 +43,8 @@ from diffalign.config import BaseRunConfig, describe_batch, register_method
 from diffalign.data import BUILTIN_PROMPTS, load_prompts
 from diffalign.errors import UserError
 from diffalign.losses import adjoint_matching_loss
-from diffalign.pipelines.adjoint import lean_adjoint, memoryless_noise_level
-from diffalign.pipelines.base import DiffusionPolicy, Trajectory
+from diffalign.pipelines.adjoint import lean_adjoint, memoryless_noise_level, memoryless_sde_type
+from diffalign.pipelines.base import DiffusionPolicy, Trajectory, sde_step_kwargs
 from diffalign.run import Run, TrainingState
 from diffalign.training import (
     DEFAULT_GUIDANCE,
@@ -162,7 +162,7 @@ def step_std(policy: DiffusionPolicy, trajectory: Trajectory, k: int) -> Tensor:
     x = trajectory.latents[:1, k]
     _, _, _, std = policy.step(
         torch.zeros_like(x), x, trajectory.timesteps[k], trajectory.next_timesteps[k], trajectory.noise_level,
-        timesteps=trajectory.timesteps, prev_sample=trajectory.latents[:1, k + 1],
+        timesteps=trajectory.timesteps, prev_sample=trajectory.latents[:1, k + 1], **sde_step_kwargs(trajectory.sde_type),
     )
     return torch.as_tensor(std)
 
@@ -214,7 +214,7 @@ class AdjointMatchingTrainer:
                     trajectory = policy.sample(
                         cond, am.num_steps, guidance_scale=guidance, noise_level=noise_level,
                         generator=generator, latents=policy.initial_noise(len(batch_prompts), size, size, generator),
-                        decode=False,
+                        decode=False, sde_type=memoryless_sde_type(policy.family),
                     )
                 # 2. score: the reward and its gradient at x1, through the decoder
                 with run.accelerator.autocast():
