@@ -109,18 +109,45 @@ def d3po_loss(
     return loss, metrics
 
 
-def gaussian_mean_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor | float) -> Tensor:
+def gaussian_mean_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor | float, dt: Tensor | float | None = None) -> Tensor:
     """KL(N(mean_p, std^2) || N(mean_q, std^2)) per element, averaged over C, H, W -> [B].
 
     Both step distributions share ``std`` (it depends on the schedule, not on the weights), so
     the KL is ``(mean_p - mean_q)^2 / (2 std^2)``. Elements with std == 0 (a deterministic step)
     contribute 0. mean_p, mean_q: [B, C, H, W]; std: scalar, [B, 1, 1, 1] or full shape.
+
+    ``dt`` (scalar or [B], > 0): Flow-GRPO's form (``kl_form: flow_grpo``; ``train_sd3.py``
+    divides by the squared diffusion coefficient g^2 = std^2 / dt, not by std^2), i.e. this KL
+    times dt. The paper's form (Flow-GRPO eq. 7's per-step KL) is ``dt = None``.
     """
     std = torch.as_tensor(std, dtype=torch.float32, device=mean_p.device).expand_as(mean_p)
     safe = torch.where(std > 0, std, torch.ones_like(std))
     kl = (mean_p.float() - mean_q.float()) ** 2 / (2 * safe**2)
     kl = torch.where(std > 0, kl, torch.zeros_like(kl))
-    return kl.mean(dim=tuple(range(1, kl.ndim)))
+    kl = kl.mean(dim=tuple(range(1, kl.ndim)))
+    if dt is not None:
+        kl = kl * torch.as_tensor(dt, dtype=torch.float32, device=kl.device)
+    return kl
+
+
+def ratio_normalised_log_ratio(
+    log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor | float
+) -> Tensor:
+    """GRPO-Guard's ratio normalisation (Wang et al. 2025, arXiv 2510.22319; as Pref-GRPO
+    ``train_flux.py --rationorm`` computes it): the log-ratio of one step, de-biased and rescaled,
+
+        log r = std * (log_prob - old_log_prob + mean_CHW((mean - old_mean)^2) / (2 std^2))
+
+    With ``x = old_mean + std * z`` recorded at sampling time this is ``mean_CHW(z * (mean -
+    old_mean))``: zero in expectation at every step, whereas the plain log-ratio carries the
+    ``-(mean - old_mean)^2 / (2 std^2)`` drift that pulls the ratio below 1 where std is small.
+    log_prob, old_log_prob: [B]; mean, old_mean: [B, C, H, W]; std: scalar or [B, 1, 1, 1] > 0.
+    Returns [B].
+    """
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    std_b = std.flatten(1)[:, 0] if std.ndim > 1 else std  # one std per sample: [B] (or a scalar)
+    bias = ((mean.float() - old_mean.float()) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std_b**2)
+    return std_b * (log_prob.float() - old_log_prob.float() + bias)
 
 
 def grpo_loss(
@@ -130,6 +157,8 @@ def grpo_loss(
     clip_range: float,
     kl: Tensor | None = None,
     kl_beta: float = 0.0,
+    log_ratio: Tensor | None = None,
+    policy_weight: Tensor | float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO clipped-ratio policy loss for one sampler step (Flow-GRPO, Liu et al. 2025,
     arXiv 2505.05470; the PPO-clip surrogate with group-relative advantages).
@@ -138,25 +167,29 @@ def grpo_loss(
     advantages: [B] (already normalised and clipped); kl: optional [B] KL to the reference
     (:func:`gaussian_mean_kl`), weighted by ``kl_beta``:
 
-        ratio  = exp(log_prob - old_log_prob)
-        policy = mean(max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range)))
+        ratio  = exp(log_prob - old_log_prob)           (or exp(log_ratio) when given)
+        policy = mean(w * max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range)))
         loss   = policy + kl_beta * mean(kl)
 
+    ``log_ratio``: a replacement log-ratio [B] (:func:`ratio_normalised_log_ratio`);
+    ``policy_weight`` w: scalar or [B] (GRPO-Guard weighs each step by 1 / |dt|).
     Metrics (detached 0-d tensors): clip_frac = mean(|ratio - 1| > clip_range), approx_kl =
-    0.5 * mean((log_prob - old_log_prob)^2) (to the sampling policy), and the KL to the
-    reference when given.
+    0.5 * mean((log_prob - old_log_prob)^2) (to the sampling policy), the ratio's mean, and the
+    KL to the reference when given.
     """
-    log_ratio = log_prob.float() - old_log_prob.float()
+    raw_log_ratio = log_prob.float() - old_log_prob.float()
+    log_ratio = raw_log_ratio if log_ratio is None else log_ratio.float()
     ratio = torch.exp(log_ratio)
     advantages = advantages.float()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    policy_loss = torch.maximum(unclipped, clipped).mean()
+    policy_loss = (torch.as_tensor(policy_weight, dtype=torch.float32, device=ratio.device)
+                   * torch.maximum(unclipped, clipped)).mean()
     loss = policy_loss
     metrics = {
         "policy_loss": policy_loss.detach(),
         "clip_frac": ((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
-        "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
+        "approx_kl": 0.5 * (raw_log_ratio.detach() ** 2).mean(),
         "ratio": ratio.detach().mean(),
     }
     if kl is not None:
