@@ -31,6 +31,7 @@ from torch import Tensor
 from diffalign.config import BaseRunConfig, describe_batch, register_method
 from diffalign.data import BUILTIN_PROMPTS, EpochSampler, load_prompts
 from diffalign.errors import UserError
+from diffalign.on_policy import OnPolicyCheck
 from diffalign.losses import d3po_loss
 from diffalign.pipelines.base import DiffusionPolicy, Trajectory
 from diffalign.run import Run, TrainingState
@@ -157,6 +158,8 @@ class D3POTrainer:
 
     # --- 4. update ------------------------------------------------------------------------------
 
+    on_policy_check = None  # diffalign.on_policy.OnPolicyCheck, set by train()
+
     def d3po_step(
         self, policy: DiffusionPolicy, trajectory: Trajectory, winner: Tensor, step: int
     ) -> tuple[Tensor, dict[str, float]]:
@@ -168,7 +171,10 @@ class D3POTrainer:
             ref_logp = policy.log_prob(trajectory, step).view(-1, 2)
         logp_w, logp_l = pair_log_probs(logp, winner)
         ref_w, ref_l = pair_log_probs(ref_logp, winner)
-        return d3po_loss(logp_w, logp_l, ref_w, ref_l, cfg.beta, cfg.eps)
+        loss, metrics = d3po_loss(logp_w, logp_l, ref_w, ref_l, cfg.beta, cfg.eps)
+        if self.on_policy_check is not None:  # sampled by these weights unless the pairs are human-labelled
+            metrics.update(self.on_policy_check(logp.flatten(), trajectory.log_probs[:, step], cfg.labels is None))
+        return loss, metrics
 
     def update_on_pairs(
         self, run: Run, policy: DiffusionPolicy, trajectory: Trajectory, winner: Tensor, steps: list[int], weight: float
@@ -196,6 +202,7 @@ class D3POTrainer:
         run = Run(cfg, overwrite=self.overwrite)
         policy, params = load_trainable_policy(cfg, run)
         self.policy = policy
+        self.on_policy_check = OnPolicyCheck(run.weight_dtype, method="d3po")
         optimizer, lr_scheduler = build_optimization(cfg, params)
         rank = run.accelerator.process_index
         generator = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
