@@ -11,7 +11,13 @@ vs its bare denoiser passes.
             (with CFG when sampling used it) + backward of a plain loss at the same inputs, plus, with
             ``--kl``, the no-grad reference forward. Reported as step / bare.
 
-Both interleave the timed functions each repeat (drift affects all alike) and report medians.
+3. window   a round's update cost with and without the SDE window (``--window W``, Flow-GRPO-Fast):
+            the training passes per round (images x trained sampler steps; each pass is a denoiser
+            forward + backward) and the time of a round (sampling it + every update pass), for the
+            SDE at every step trained on every step, against the ODE outside a window of W steps
+            trained on the window only.
+
+All interleave the timed functions each repeat (drift affects all alike) and report medians.
 
     python bench/rollout.py                                  # the tiny models on the CPU
     python bench/rollout.py --models random-sdxl --resolution 512 --device cuda --dtype bf16
@@ -40,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="sampler steps")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale; default: the family's")
     parser.add_argument("--kl", type=float, default=0.0, help="GRPO kl_beta (adds the reference pass)")
+    parser.add_argument("--window", type=int, default=3, help="SDE window size W for the update-cost line (0: skip)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rank", type=int, default=8)
     return parser.parse_args()
@@ -133,6 +140,44 @@ def bench_grpo_step(policy, params, args, guidance: float, noise_level: float) -
     return interleaved({"bare": bare, "grpo step": step}, args.device, args.repeats, reset)
 
 
+def bench_window(policy, params, args, guidance: float, noise_level: float) -> dict[str, tuple[int, float]]:
+    """{"full": (passes, seconds), "window": (passes, seconds)} for one round of ``args.batch`` images."""
+    from diffalign.config import load_config
+    from diffalign.trainers.grpo_maths import candidate_steps
+    from diffalign.trainers.pref_grpo import GRPOTrainer
+
+    group = 4 if args.batch % 4 == 0 else args.batch
+    prompts = [f"a photo of object {i}" for i in range(args.batch // group)]
+    advantages = torch.randn(args.batch, generator=torch.Generator().manual_seed(3))
+    passes, fns = {}, {}
+    for name, size in (("full", 0), ("window", args.window)):
+        cfg = load_config({
+            "method": "grpo", "model": "tiny-sd", "train": {"batch_size": args.batch},
+            "grpo": {"reward": "brightness", "group_size": group, "prompts_per_round": args.batch // group,
+                     "num_steps": args.steps, "guidance_scale": guidance, "noise_level": noise_level,
+                     "sde_window_size": size},
+        })
+        trainer = GRPOTrainer(cfg)
+        window = (0, size) if size else None
+        steps = candidate_steps(args.steps, window=window)
+        passes[name] = args.batch * len(steps)
+
+        def round_(trainer=trainer, window=window, steps=steps):
+            with torch.no_grad():
+                trajectory = trainer.sample_round(policy, prompts, torch.Generator().manual_seed(2), window)
+            for j in steps:
+                loss, _ = trainer.grpo_step(policy, trajectory, advantages, j)
+                loss.backward()
+        fns[name] = round_
+
+    def reset():
+        for p in params:
+            p.grad = None
+
+    times = interleaved(fns, args.device, args.repeats, reset)
+    return {name: (passes[name], times[name]) for name in fns}
+
+
 def main() -> int:
     args = parse_args()
     from diffalign import lora
@@ -164,6 +209,12 @@ def main() -> int:
         print(f"  GRPO update over {args.steps} steps, {args.batch} images: bare {grpo['bare'] * 1000:.1f} ms, "
               f"step {grpo['grpo step'] * 1000:.1f} ms ({grpo['grpo step'] / grpo['bare']:.3f}x bare)"
               + (f", kl_beta {args.kl}" if args.kl else ""))
+        if args.window:
+            cost = bench_window(policy, params, args, guidance, noise_level)
+            (full_passes, full_s), (win_passes, win_s) = cost["full"], cost["window"]
+            print(f"  update cost per round of {args.batch} images: SDE on all {args.steps} steps {full_passes} training "
+                  f"passes, {full_s * 1000:.1f} ms; SDE window of {args.window} {win_passes} passes, {win_s * 1000:.1f} ms "
+                  f"({win_passes / full_passes:.2f}x the passes, {win_s / full_s:.2f}x the time)")
     return 0
 
 
