@@ -29,6 +29,7 @@ from diffalign.pipelines.samplers import (
 )
 
 FAMILIES = ["tiny-sd", "tiny-sdxl", "tiny-flux"]
+STEP_FAMILIES = FAMILIES + ["tiny-sd3"]  # the SDE window / CPS tests cover every family
 RES = 64  # pixels, the tiny models' size
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -329,16 +330,16 @@ def policies():
     from diffalign.pipelines.loading import load_policy
 
     torch.manual_seed(0)
-    return {name: load_policy(name) for name in FAMILIES}
+    return {name: load_policy(name) for name in STEP_FAMILIES}
 
 
 def _noise_level(name: str) -> float:
-    return 0.7 if name == "tiny-flux" else 1.0
+    return 0.7 if name in ("tiny-flux", "tiny-sd3") else 1.0
 
 
 def _cond(policy, prompts, name):
-    # SD/SDXL: CFG against the empty prompt; FLUX: true CFG against a negative prompt.
-    if name == "tiny-flux":
+    # SD/SDXL: CFG against the empty prompt; FLUX, SD3: true CFG against a negative prompt.
+    if name in ("tiny-flux", "tiny-sd3"):
         return policy.encode_prompts(prompts, negative_prompts=["blurry"] * len(prompts))
     # SDXL's time ids carry the target size; SD ignores height/width
     return policy.encode_prompts(prompts, with_uncond=True, height=RES, width=RES)
@@ -441,7 +442,7 @@ def test_reference_log_prob_differs_once_lora_is_nonzero(name):
 # --- SDE window and step types on the policies -------------------------------------------------
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", STEP_FAMILIES)
 def test_sde_window_steps_outside_are_the_deterministic_steps(policies, name):
     """An SDE window (1, 3) of 4 steps: steps 0 and 3 run the deterministic step (their log-probs
     are 0 and the chain there equals a zero-noise chain's step from the same latents), steps 1 and
@@ -466,7 +467,7 @@ def test_sde_window_steps_outside_are_the_deterministic_steps(policies, name):
             policy.log_prob(traj, torch.tensor([0, 1]))
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", STEP_FAMILIES)
 def test_cps_sampling_recomputes_and_is_flow_only(policies, name):
     policy = policies[name]
     cond = _cond(policy, ["a red cube", "a blue sphere"], name)
