@@ -311,3 +311,33 @@ def test_options_train_and_raise_the_reward_of_sampled_images(tmp_path, method, 
         assert all(max(s if isinstance(s, tuple) else (s,)) < num_steps - 1 for s, _ in record)  # ignore_last
     if method == "pref_grpo":
         assert "reward/win_rate" in train[0] and "reward/brightness" in train[0]
+
+
+def test_grpo_continues_an_init_lora_against_the_chosen_reference(tmp_path):
+    """GRPO goes through the shared add-LoRA path: a run started from ``init_lora`` = another run's
+    final LoRA evaluates, before its first update, exactly what that run's final LoRA evaluated
+    after training; with the base as reference its first step already has a KL > 0 (the policy is
+    base + LoRA), with ``reference: init`` the first KL is 0."""
+    from diffalign.config import load_config
+    from diffalign.trainers.pref_grpo import GRPOTrainer
+
+    def run(name, steps, **top):
+        out = tmp_path / name
+        GRPOTrainer(load_config({
+            "method": "grpo", "model": "tiny-flux", "output_dir": str(out), "seed": 0, "lora": {"rank": 4},
+            "train": {"max_steps": steps, "learning_rate": 5e-2, "batch_size": 8, "checkpoint_every": 0},
+            "grpo": {"reward": "brightness", "prompts": PROMPTS, "num_steps": 2, "group_size": 8, "kl_beta": 0.1},
+            "eval": {"reward": "brightness", "prompts": PROMPTS, "num_steps": 2, "num_images_per_prompt": 1},
+            "guard": {"enabled": False},  # final/ is the last step's LoRA
+            **top,
+        }), overwrite=True).train()
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    first = run("first", 3)
+    final = str(tmp_path / "first" / "final")
+    for reference, kl_positive in (("base", True), ("init", False)):
+        records = run(f"continued-{reference}", 1, init_lora=final, reference=reference)
+        after = [r["eval/brightness"] for r in first if "eval/brightness" in r][-1]
+        assert records[0]["eval/brightness"] == pytest.approx(after, abs=1e-6)
+        step = next(r for r in records if "loss" in r)
+        assert (step["kl_ref"] > 1e-6) is kl_positive, (reference, step["kl_ref"])
