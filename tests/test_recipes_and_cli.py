@@ -73,6 +73,24 @@ def test_methods_and_explain(capsys):
     assert "did you mean 'diffusion_dpo'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method, lines", [
+    ("diffusion_dpo", ["init_lora: str | None = None", "reference: base | init = 'base'", "data.keep_ties: bool = False",
+                       "dpo.empty_prompt_fraction: float = 0.0"]),
+    ("d3po", ["init_lora: str | None = None", "Pareto dominance"]),
+    ("adjoint_matching", ["adjoint_matching.loss_reduction: mean | sum = 'mean'",
+                          "adjoint_matching.adjoint_guidance: bool = False",
+                          "adjoint_matching.empty_prompt_fraction: float = 0.2"]),
+    ("draft", ["init_lora: str | None = None", "reference: base | init = 'base'"]),
+    ("self_npo", ["init_lora: str | None = None"]),
+])
+def test_explain_shows_the_reference_options(capsys, method, lines):
+    """Every option added to match the reference code is declared and documented (issue 10)."""
+    assert main(["explain", method]) == 0
+    out = capsys.readouterr().out
+    for line in lines:
+        assert line in out, line
+
+
 def test_export_tiny_and_generate(tmp_path, capsys):
     from PIL import Image
 
