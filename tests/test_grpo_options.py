@@ -188,6 +188,11 @@ def test_defaults_are_unchanged_and_bad_options_are_one_line_errors():
         _config(num_steps=4, sde_window_size=5)
     with pytest.raises(UserError, match="grpo.kl_form"):
         _config(kl_form="schulman")
+    with pytest.raises(UserError, match=r"grpo.ignore_last: it drops the last sampler step, which is the only one"):
+        _config(num_steps=1, ignore_last=True)
+    with pytest.raises(UserError, match=r"a 1-step grpo.sde_window can be placed on; set grpo.ignore_last=false or "
+                                        r"end grpo.sde_window_range before step 3"):
+        _config(num_steps=4, ignore_last=True, sde_window_size=1)
     with pytest.raises(UserError, match=r"pref_grpo.pointwise_rewards: unknown reward 'brightnes'"):
         _config(method="pref_grpo", pointwise_rewards={"brightnes": 1.0})
 

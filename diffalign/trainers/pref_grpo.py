@@ -217,6 +217,15 @@ def _check_settings(cfg: BaseRunConfig, settings: GRPOSettings, key: str) -> Non
     check_reward_spec(settings.reward, f"{key}.reward")
     for spec in getattr(settings, "pointwise_rewards", {}):
         check_reward_spec(spec, f"{key}.pointwise_rewards")
+    if settings.ignore_last:
+        lo, hi = settings.sde_window_range or (0, settings.num_steps)
+        if settings.num_steps == 1 or (settings.sde_window_size == 1 and hi == settings.num_steps):
+            raise UserError(
+                f"config error: {key}.ignore_last: it drops the last sampler step, which "
+                + ("is the only one" if settings.num_steps == 1 else f"a 1-step {key}.sde_window can be placed on")
+                + f"; set {key}.ignore_last=false"
+                + ("" if settings.num_steps == 1 else f" or end {key}.sde_window_range before step {hi - 1}")
+            )
     round_size = settings.prompts_per_round * settings.group_size
     per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     if round_size % per_step:
