@@ -334,8 +334,9 @@ def test_resume_inside_a_round_continues_identically(tmp_path, method, section, 
 
 
 def test_two_process_grpo_global_std_keeps_ranks_identical_and_resumes_mid_round(tmp_path):
-    """Two CPU processes (gloo): each samples its own group, the rewards are gathered for the
-    round-wide std, each process takes its own advantages; the LoRA stays identical on both.
+    """Two CPU processes (gloo): each samples its own group, the rewards and prompt picks are
+    gathered for the round-wide std and per-prompt stats, each process takes its own advantages;
+    the LoRA stays identical on both.
     Rounds of 2 steps (2 inner epochs): resuming both processes from step 3, inside the second
     round, reproduces step 4 bitwise, each process from its own saved round."""
     from conftest import run_two_processes
@@ -370,7 +371,7 @@ def _two_process_worker(out) -> None:
         "method": "grpo", "model": "tiny-flux", "output_dir": str(out / "run"), "lora": {"rank": 4},
         "train": {"max_steps": 4, "learning_rate": 3e-2, "batch_size": 4, "checkpoint_every": 1},
         "grpo": {"reward": "brightness", "prompts": PROMPTS, "group_size": 4, "num_steps": 2, "global_std": True,
-                 "num_inner_epochs": 2},
+                 "per_prompt_stat_tracking": True, "num_inner_epochs": 2},
     }
     rank = os.environ["RANK"]
     for name, resume in (("", None), ("-resumed", str(out / "run" / "checkpoints" / "step-3"))):
