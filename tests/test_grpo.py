@@ -298,16 +298,20 @@ MID_ROUND = [
     # steps: step 3 stops inside epoch 2, after its shuffle was drawn; step 4 ends the round
     ("grpo", {"num_steps": 2, "group_size": 4, "prompts_per_round": 2, "num_inner_epochs": 2,
               "timestep_fraction": 0.5, "kl_beta": 0.1}, {"batch_size": 2, "gradient_accumulation_steps": 2}, 3, 4, 3,
-     [1, 4]),
+     [1, 4], ["step-4"]),
     # rounds of 4 images, 2 steps of 2: step 1 stops halfway through the round's only epoch, step 2
     # ends the round, step 3 stops inside the next one
-    ("pref_grpo", {"num_steps": 2, "group_size": 4}, {"batch_size": 2}, 1, 3, 1, [0, 2]),
+    ("pref_grpo", {"num_steps": 2, "group_size": 4}, {"batch_size": 2}, 1, 3, 1, [0, 2], ["step-2"]),
+    # the same with a 1-step SDE window, GRPO-Guard's ratio normalisation and per-chain steps: the
+    # round's window and its sampling-time step means are restored too
+    ("grpo", {"num_steps": 2, "group_size": 4, "sde_window_size": 1, "ratio_norm": True,
+              "timestep_selection": "random_per_sample", "kl_beta": 0.1}, {"batch_size": 2}, 1, 3, 1, [0, 2], ["step-2"]),
 ]
 
 
-@pytest.mark.parametrize("method,section,train,every,steps,resume_step,position", MID_ROUND)
+@pytest.mark.parametrize("method,section,train,every,steps,resume_step,position,boundaries", MID_ROUND)
 def test_resume_inside_a_round_continues_identically(tmp_path, method, section, train, every, steps, resume_step,
-                                                     position):
+                                                     position, boundaries):
     """A checkpoint taken inside a round holds the round (samples, advantages, metrics, shuffle,
     position); resuming from it reproduces the straight run bitwise: LoRA and logged metrics."""
     from safetensors.torch import load_file
@@ -320,8 +324,10 @@ def test_resume_inside_a_round_continues_identically(tmp_path, method, section, 
     saved = load_file(folder / "process-0.safetensors")
     assert saved["round.position"].tolist() == position
     assert saved["round.latents"].shape[:2] == (section["group_size"] * section.get("prompts_per_round", 1), 3)
-    boundaries = [p for p in sorted((out / "checkpoints").iterdir()) if not (p / "process-0.safetensors").exists()]
-    assert [p.name for p in boundaries] == (["step-4"] if method == "grpo" else ["step-2"])
+    boundary_checkpoints = [p for p in sorted((out / "checkpoints").iterdir()) if not (p / "process-0.safetensors").exists()]
+    assert [p.name for p in boundary_checkpoints] == boundaries
+    if section.get("ratio_norm"):
+        assert saved["round.means"].shape[:2] == (section["group_size"], 2) and saved["round.sde_window"].numel() == 2
 
     _, resumed_records = _train(tmp_path, "tiny-flux", method, **settings, resume=str(folder))
     resumed = load_file(out / "final" / "pytorch_lora_weights.safetensors")
