@@ -74,6 +74,7 @@ class World:
     dpo_source: str
     num_steps: int  # sampler steps, for training and evaluation
     seeds_per_prompt: int = 2
+    eval_guidance: float | None = None  # CFG scale of the held-out samples; None = the family default
     recipes: bool = False  # start from configs/<method>/shapes-<family>.yaml when it exists
     budget: int = 2000  # forward-pass equivalents per run
     quick_budget: int = 600
@@ -102,7 +103,7 @@ def shapes_world() -> World:
         name="shapes", models={f: f"shapes-{f}" for f in ("sd", "sdxl", "flux", "sd3")},
         verifiable="shapes_geneval", learned="shapes_pref",
         train_prompts=train, heldout_prompts=heldout[::step][:8],
-        dpo_source="builtin:shapes", num_steps=10, recipes=True, budget=6000, quick_budget=2000,
+        dpo_source="builtin:shapes", num_steps=10, eval_guidance=4.0, recipes=True, budget=6000, quick_budget=2000,
     )  # fmt: skip
 
 
@@ -199,7 +200,7 @@ def method_config(world: World, family: str, method: str, seed: int, max_steps: 
     cfg.setdefault("train", {}).update(max_steps=max_steps, checkpoint_every=0)
     cfg.setdefault("logging", {}).update(sample_every=0, report=False, report_to=[])
     cfg["eval"] = {"reward": world.verifiable, "prompts": world.heldout_prompts, "seed": 1000,
-                   "num_images_per_prompt": world.seeds_per_prompt, "num_steps": world.num_steps}
+                   "num_images_per_prompt": world.seeds_per_prompt, "num_steps": world.num_steps, "guidance_scale": world.eval_guidance}
     cfg["guard"] = ({"enabled": True, "every": max(1, max_steps // checks), "action": "warn", "keep_best": False}
                     if guard else {"enabled": False})
     return cfg
@@ -242,32 +243,52 @@ def steps_per_unit(cfg: dict) -> int:
 # --- one run ---------------------------------------------------------------------------------------
 
 
-def _train(cfg: dict, counter: DenoiserCounter) -> tuple[float, float]:
-    """Train ``cfg`` with the counter on; (wall s, peak MB). Evaluation is not training: the counter
-    and the clock pause in the guard's checks (which also note the compute spent so far, for the
-    curves), and the trainer's own start/end evaluation is skipped (evaluate_lora measures)."""
+def measure_policy(policy, world: World, learned_reward, verifiable_reward) -> dict[str, float]:
+    """Held-out verifiable and learned reward, diversity and drift of the policy as it is now, on
+    the world's held-out prompts x seeds (deterministic sampler)."""
+    from diffalign.guard import output_drift, pairwise_diversity
+    from diffalign.training import sample_images
+
+    with torch.no_grad():
+        images = torch.stack([
+            sample_images(policy, world.heldout_prompts, 1000 + k, world.num_steps, world.eval_guidance).float()
+            for k in range(world.seeds_per_prompt)
+        ])  # [K, P, 3, H, W]  # fmt: skip
+        flat, prompts = images.flatten(0, 1), list(world.heldout_prompts) * world.seeds_per_prompt
+        return {"verifiable": verifiable_reward(flat, prompts).float().mean().item(),
+                "learned": learned_reward(flat, prompts).float().mean().item(),
+                "diversity": pairwise_diversity(images),
+                "drift": output_drift(policy, world.heldout_prompts, world.num_steps)}
+
+
+def _train(cfg: dict, counter: DenoiserCounter, world: World) -> tuple[float, float, list[dict]]:
+    """Train ``cfg`` with the counter on: (wall s, peak MB, the guard's checks). Evaluation is not
+    training: at each guard check the counter and the clock pause while :func:`measure_policy`
+    measures (and notes the compute spent so far); the trainer's own start/end evaluation is
+    skipped (the guard's first and last checks are the before and after)."""
     from diffalign.config import get_method, load_config
     from diffalign.guard import RewardHackingGuard
+    from diffalign.training import load_frozen_reward
 
     config = load_config(cfg)
     _, trainer_cls = get_method(config.method)
-    spent = [0.0]
+    spent, checks = [0.0], []
 
-    def paused(function, note: bool):
-        def wrapper(*args, **kwargs):
-            counter.paused, start = True, time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                counter.paused = False
-                spent[0] += time.perf_counter() - start
-                if note:
-                    _COMPUTE_AT_CHECKS.append(counter.count)
-        return wrapper
+    def measure(guard):  # replaces RewardHackingGuard.measure: the same held-out reward, plus the rest
+        counter.paused, start = True, time.perf_counter()
+        try:
+            learned = load_frozen_reward(world.learned, guard.run.device)
+            result = measure_policy(guard.policy, world, learned, guard.reward)
+            checks.append({"compute": counter.count, **result})
+            guard.drift = result["drift"]
+            return result["verifiable"], result["diversity"]
+        finally:
+            counter.paused = False
+            spent[0] += time.perf_counter() - start
 
     saved = [(RewardHackingGuard, "measure", RewardHackingGuard.measure), (trainer_cls, "evaluate", trainer_cls.evaluate)]
-    RewardHackingGuard.measure = paused(RewardHackingGuard.measure, True)
-    trainer_cls.evaluate = lambda self, *args, **kwargs: {}  # the guard's checks and evaluate_lora measure instead
+    RewardHackingGuard.measure = measure
+    trainer_cls.evaluate = lambda self, *args, **kwargs: {}
     start = time.perf_counter()
     try:
         with PeakMemory() as memory:
@@ -275,36 +296,17 @@ def _train(cfg: dict, counter: DenoiserCounter) -> tuple[float, float]:
     finally:
         for owner, name, function in saved:
             setattr(owner, name, function)
-    return time.perf_counter() - start - spent[0], memory.mb
+    return time.perf_counter() - start - spent[0], memory.mb, checks
 
 
-_COMPUTE_AT_CHECKS: list[int] = []
-
-
-@torch.no_grad()
-def evaluate_lora(world: World, family: str, lora_dir: Path | None) -> dict[str, float]:
-    """Held-out verifiable and learned reward, diversity and drift of a LoRA (None: the base)."""
-    from diffalign.guard import output_drift, pairwise_diversity
-    from diffalign.lora import load_lora
+def evaluate_base(world: World, family: str) -> dict[str, float]:
+    """:func:`measure_policy` of the family's base model."""
     from diffalign.pipelines.loading import load_policy
-    from diffalign.training import load_frozen_reward, sample_images
+    from diffalign.training import load_frozen_reward
 
     policy = load_policy(world.models[family])
-    if lora_dir is not None:
-        load_lora(policy.denoiser, lora_dir)
-    verifiable, learned = (load_frozen_reward(name, policy.device) for name in (world.verifiable, world.learned))
-    images = torch.stack([
-        sample_images(policy, world.heldout_prompts, 1000 + k, world.num_steps).float()
-        for k in range(world.seeds_per_prompt)
-    ])  # [K, P, 3, H, W]  # fmt: skip
-    prompts = list(world.heldout_prompts) * world.seeds_per_prompt
-    flat = images.flatten(0, 1)
-    result = {"verifiable": verifiable(flat, prompts).float().mean().item(),
-              "learned": learned(flat, prompts).float().mean().item(),
-              "diversity": pairwise_diversity(images), "drift": 0.0}
-    if lora_dir is not None:
-        result["drift"] = output_drift(policy, world.heldout_prompts, world.num_steps)
-    return result
+    learned, verifiable = (load_frozen_reward(name, policy.device) for name in (world.learned, world.verifiable))
+    return measure_policy(policy, world, learned, verifiable)
 
 
 @dataclass
@@ -319,35 +321,25 @@ class MethodResult:
 def run_method(world: World, family: str, method: str, seeds: list[int], budget: int, out: Path,
                checks: int = 4) -> MethodResult:
     """Calibrate the cost per step, then train each seed at ``budget`` and evaluate it."""
-    from diffalign.guard import GuardStopped
-
     probe = method_config(world, family, method, 0, 1, out / "calibrate", guard=False)
     unit = steps_per_unit(probe)
     probe["train"]["max_steps"] = unit
     if method == "diffusion_dpo":  # a world's pairs are sampled from the base model once, then cached: not training
-        _train(probe, DenoiserCounter())  # a counter never entered counts nothing
+        _train(probe, DenoiserCounter(), world)  # a counter never entered counts nothing
     with DenoiserCounter() as counter:
-        _train(probe, counter)
+        _train(probe, counter, world)
     per_step = counter.count / unit
     max_steps = max(unit, round(budget / per_step / unit) * unit)
     result = MethodResult(family, method, trained_reward(world, method), max_steps)
     for seed in seeds:
         run_dir = out / f"{family}-{method}-seed{seed}"
         cfg = method_config(world, family, method, seed, max_steps, run_dir, checks=checks)
-        _COMPUTE_AT_CHECKS.clear()
         with DenoiserCounter() as counter:
-            try:
-                wall, mb = _train(cfg, counter)
-            except GuardStopped:  # cannot happen with action warn; kept for a recipe that sets stop
-                wall, mb = float("nan"), float("nan")
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        guard_records = [r for r in records if "guard/heldout_reward" in r]
-        curve = [(c, r["guard/heldout_reward"]) for c, r in zip(_COMPUTE_AT_CHECKS, guard_records)]
-        if curve:  # the start check runs inside step 1, before its update: the base weights, no compute yet
-            curve[0] = (0, curve[0][1])
-        after = evaluate_lora(world, family, run_dir / "final")
-        result.runs.append({"seed": seed, "compute": counter.count, "wall_s": wall, "peak_mb": mb,
-                            "after": after, "curve": curve})
+            wall, mb, measured = _train(cfg, counter, world)
+        measured[0]["compute"] = 0  # the start check runs inside step 1, before its update: the base weights
+        after = measured[-1]  # the guard checks at the last step too: the final weights
+        result.runs.append({"seed": seed, "compute": counter.count, "wall_s": wall, "peak_mb": mb, "after": after,
+                            "curve": [(m["compute"], m["verifiable"]) for m in measured], "checks": measured})
         print(f"  {family} {method} seed {seed}: {max_steps} steps, {counter.count} fwd-eq, {wall:.1f} s, "
               f"held-out {after['verifiable']:.3f}, learned {after['learned']:.3f}", flush=True)
     return result
@@ -443,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     before, results = {}, []
     for family in families:
-        before[family] = evaluate_lora(world, family, None)
+        before[family] = evaluate_base(world, family)
         print(f"{world.models[family]} base: {before[family]}", flush=True)
         for method in methods:
             if family not in METHOD_FAMILIES.get(method, ()) or method not in available:
