@@ -278,9 +278,10 @@ def save_checkpoint(
                     raise
                 where = final / Path(err.filename).name if err.filename else final
                 done = list_checkpoints(root)
+                then = "continue with resume=latest" if done else "start again"
                 raise UserError(
                     f"disk full while writing {where}; {_intact(done[-1] if done else None)} "
-                    "(free some space, then continue with resume=latest)"
+                    f"(free some space, then {then})"
                 ) from None
             old = root / f".tmp-step-{step}-old-{uuid.uuid4().hex}" if final.exists() else None
             if old is not None:

@@ -13,6 +13,7 @@ stock ``pipe.load_lora_weights(dir)`` applies the trained ``alpha / rank`` scale
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -255,10 +256,15 @@ def save_lora(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
     try:
-        pipeline_cls.save_lora_weights(
-            tmp,
-            **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": config.to_dict()},
-        )
+        try:
+            pipeline_cls.save_lora_weights(
+                tmp,
+                **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": config.to_dict()},
+            )
+        except Exception as err:  # safetensors reports a full disk as its own SafetensorError
+            if "os error 28" in str(err) or "No space left" in str(err):
+                raise OSError(errno.ENOSPC, "No space left on device", str(out / LORA_WEIGHT_NAME)) from None
+            raise
         # Add our metadata to the header diffusers wrote (its adapter metadata stays as it is).
         path = tmp / LORA_WEIGHT_NAME
         with safetensors.safe_open(str(path), framework="pt") as f:

@@ -172,7 +172,8 @@ class Run:
         # 3. seeds, metrics file, trackers, progress bar
         set_seed(cfg.seed)
         if self.is_main:
-            self._write_config()
+            if self._resume_folder is None:
+                self._write_config()  # a resume writes it once its checkpoint has loaded (restore)
             self._open_metrics()
             from tqdm.auto import tqdm
 
@@ -502,6 +503,7 @@ class Run:
             self.print(f"resume: {key} changed {old!r} -> {new!r}; applied from step {step + 1}")
         self.accelerator.wait_for_everyone()
         if self.is_main:
+            self._write_config()
             self._truncate_metrics(step)
             aside = set_aside_later_checkpoints(self.out_dir / "checkpoints", step, self.out_dir / "final")
             if aside is not None:
@@ -653,6 +655,8 @@ def check_inputs(cfg: BaseRunConfig) -> None:
                 load_prompts(value, key=key)
         elif name == "source" and isinstance(value, str) and value.endswith(".jsonl") and not Path(value).is_file():
             raise UserError(f"{key}: manifest {value} not found")
+        elif name == "source" and isinstance(value, str) and _looks_like_a_path(value) and not Path(value).expanduser().exists():
+            raise UserError(f"{key}: no such file or folder {value}")
 
 
 # --- resuming with another config --------------------------------------------------------------

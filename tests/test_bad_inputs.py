@@ -154,7 +154,7 @@ _MOUNTS: list[Path] = []
 def _unmount():
     yield
     while _MOUNTS:
-        subprocess.run(["umount", str(_MOUNTS.pop())], capture_output=True)
+        subprocess.run(["umount", "-l", str(_MOUNTS.pop())], capture_output=True)
 
 
 def _d3po_resumes_dpo(tmp, trained):
@@ -222,6 +222,7 @@ CASES = [
      "eval.reward: unknown reward 'brightnes' (did you mean 'brightness'?)"),
     ("missing model folder", lambda t, tr: _train(t, tr, ["model=./no/such/model"]), "model: no such folder ./no/such/model"),
     ("missing manifest", lambda t, tr: _train(t, tr, ["data.source=missing.jsonl"]), "data.source: manifest missing.jsonl not found"),
+    ("missing data folder", lambda t, tr: _train(t, tr, ["data.source=./pick-a-pic"]), "data.source: no such file or folder ./pick-a-pic"),
     ("non-UTF-8 manifest", _not_utf8_manifest, "pairs.jsonl line 2: not UTF-8 text (byte 0xff)"),
     ("null prompt", _null_prompt, "pairs.jsonl line 1: prompt=null; prompt, chosen and rejected must be text"),
     ("non-UTF-8 prompt file", _not_utf8_prompts, "prompts.txt line 2: not UTF-8 text (byte 0xe9)"),
@@ -255,8 +256,12 @@ def test_bad_input_ends_in_one_line(case, setup, fragment, trained, tmp_path, ca
 
 
 def test_damaged_checkpoint_error_points_to_the_previous_one(trained, tmp_path, capsys):
-    argv = _resume_copy(tmp_path, trained, lambda r: _truncate(r / "checkpoints/step-2/lora.safetensors"))
+    argv = _resume_copy(tmp_path, trained, lambda r: _truncate(r / "checkpoints/step-2/lora.safetensors"),
+                        overrides=["train.learning_rate=1e-4"])
+    before = _snapshot(tmp_path / "run")
     assert main(argv) == 2
+    after = _snapshot(tmp_path / "run")
+    assert {k: v for k, v in after.items() if k != "log.txt"} == {k: v for k, v in before.items() if k != "log.txt"}
     assert _last_line(capsys.readouterr().err).endswith(
         f"resume from the previous checkpoint instead: resume={tmp_path / 'run' / 'checkpoints' / 'step-1'}"
     )
@@ -366,6 +371,15 @@ def test_a_signal_during_training_checkpoints_and_exits_75(trained, tmp_path, ca
     last = _last_line(capsys.readouterr().err)
     assert last == (f"error: stopped by SIGTERM after step 1; {tmp_path / 'run' / 'checkpoints' / 'step-1'} holds it: "
                     "continue with resume=latest")
+
+
+def test_the_final_lora_and_checkpoints_follow_the_umask(trained):
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [trained["run"] / "final" / "pytorch_lora_weights.safetensors", *(trained["run"] / "checkpoints").rglob("*.*")]
+    assert len(files) > 5
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
 
 
 # --- generate --lora with a checkpoint folder --------------------------------------------------------

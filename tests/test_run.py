@@ -26,6 +26,7 @@ import diffalign.checkpoint as checkpoint_module
 from diffalign.config import BaseRunConfig, TrainSettings
 from diffalign.errors import UserError
 from pydantic import ValidationError
+from diffalign.checkpoint import list_checkpoints
 from diffalign.run import (
     Run,
     TrainingState,
@@ -697,6 +698,48 @@ def test_a_full_disk_while_checkpointing_names_the_file_and_the_intact_checkpoin
     assert [p.name for p in run.checkpoints()] == ["step-3"]
     run = Run(cfg.model_copy(update={"resume": "latest"}))
     assert run.restore(ToyProblem(cfg.train).state) == 3
+    run.finish()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs mounted at tmp_path/disk (root only; skipped where mounting is not allowed)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)  # lazy: a failed test may hold a file open
+
+
+def test_a_really_full_disk_stops_with_one_line_and_the_run_resumes(small_disk):
+    """Step 3 checkpointed, then the disk filled up to the last byte: the run stops with "disk
+    full while writing ...; the previous checkpoint .../step-3 is intact"; once space is freed,
+    resume=latest continues from step 3."""
+    cfg = toy_config(small_disk / "run")
+    run = Run(cfg)
+    problem = ToyProblem(cfg.train)
+    problem.train(run, 0, 3)
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"x" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    with pytest.raises(UserError) as info:
+        problem.train(run, 3, 6)
+    message = str(info.value)
+    assert message.startswith("disk full while writing ") and f"{small_disk / 'run' / 'checkpoints' / 'step-3'} is intact" in message
+    run.abort()
+    filler.unlink()
+    assert [p.name for p in list_checkpoints(small_disk / "run" / "checkpoints")] == ["step-3"]
+    run = Run(cfg.model_copy(update={"resume": "latest"}))
+    assert run.restore(ToyProblem(cfg.train, init_seed=4).state) == 3
     run.finish()
 
 
