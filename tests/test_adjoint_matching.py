@@ -175,8 +175,9 @@ def test_memoryless_flow_sigma_values_and_guard():
     assert torch.allclose(sigma, torch.tensor([math.sqrt(2), math.sqrt(0.5), 0.0, math.sqrt(1998.0)]))
     assert memoryless_noise_level("flux") == pytest.approx(math.sqrt(2))
     assert memoryless_noise_level("sdxl") == 1.0
+    assert memoryless_noise_level("sd3") == pytest.approx(math.sqrt(2))  # SD3 is a flow model too
     with pytest.raises(ValueError, match="unknown model family"):
-        memoryless_noise_level("sd3")
+        memoryless_noise_level("kandinsky")
 
 
 def test_flow_sde_with_sqrt2_is_the_memoryless_schedule(tiny_policy):
