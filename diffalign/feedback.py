@@ -233,7 +233,9 @@ def load_labelled_pairs(
     row_of = {pid: row for row, pid in enumerate(meta["pair_ids"])}
     pairs = LabelledPairs(trajectories, meta)
     seen: set[str] = set()
-    for lineno, line in enumerate(labels.read_text().splitlines(), start=1):
+    from diffalign.data import read_text_lines
+
+    for lineno, line in enumerate(read_text_lines(labels, "d3po.labels"), start=1):
         if not line.strip():
             continue
         where = f"{labels}:{lineno}"

@@ -98,9 +98,10 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 _LIVE_RUNS: list["Run"] = []
 
 # Keys a resume cannot change: the weights and the random streams of the run depend on them.
-FROZEN_ON_RESUME = ("method", "model", "seed", "lora.rank", "lora.alpha", "lora.target_modules")
+FROZEN_ON_RESUME = ("method", "model", "seed", "lora.rank", "lora.alpha", "lora.target_modules",
+                    "init_lora", "reference")
 # Keys that are a property of the invocation, not of the training.
-IGNORED_ON_RESUME = ("resume", "output_dir")
+IGNORED_ON_RESUME = ("resume", "output_dir", "lora.init_lora_weights")  # (the weights come from the checkpoint)
 # train.* keys whose old value the restored optimizer/scheduler state would keep: re-applied.
 OPTIMIZER_KEYS = ("learning_rate", "lr_scheduler", "warmup_steps", "max_steps",
                   "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon")
@@ -247,9 +248,12 @@ class Run:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             trash = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
-            os.rename(target, trash)
+            had_old = target.exists()  # (the user may have moved it meanwhile)
+            if had_old:
+                os.rename(target, trash)
             os.rename(staging, target)
-            shutil.rmtree(trash, ignore_errors=True)
+            if had_old:
+                shutil.rmtree(trash, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.out_dir, self._replaces = target, None
         moved = lambda path: target / path.relative_to(staging) if path is not None and path.is_relative_to(staging) else path  # noqa: E731
