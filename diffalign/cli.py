@@ -34,6 +34,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
+        from diffalign.run import check_inputs
+
+        check_inputs(cfg)  # files, model folder and reward names too, as a real start would
         print(config_to_yaml(cfg), end="")
         num_processes = int(os.environ.get("WORLD_SIZE", "1"))
         print(describe_batch(cfg, num_processes, None, items_per_sample=type(cfg).batch_unit))

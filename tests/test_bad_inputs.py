@@ -297,7 +297,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("override", ["data.source=typo.jsonl", "train.resolution=7", "eval.reward=nope"])
+@pytest.mark.parametrize("override", ["data.source=typo.jsonl", "train.resolution=7", "eval.reward=nope", "model=./nowhere"])
 def test_a_failed_overwrite_leaves_the_old_run_as_it_was(trained, tmp_path, capsys, override):
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
@@ -313,6 +313,11 @@ def test_overwrite_of_the_current_folder_keeps_the_users_files(trained, tmp_path
     before = _snapshot(tmp_path)
     assert main(argv) == 2
     assert _snapshot(tmp_path) == before
+
+
+def test_dry_run_checks_the_files_too(trained, tmp_path, capsys):
+    assert main(_train(tmp_path, trained, ["data.source=typo.jsonl"], flags=["--dry-run"])) == 2
+    assert _last_line(capsys.readouterr().err) == "error: data.source: manifest typo.jsonl not found"
 
 
 # --- signals ------------------------------------------------------------------------------------------
