@@ -176,24 +176,25 @@ def _config(out, model: str = "tiny-sd3", train=None, resume=None, init_lora=Non
 
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
 def test_a_few_rounds_raise_brightness_of_images_sampled_from_the_trained_lora(tmp_path, model):
-    """Eight rounds (one optimizer step each) of DiffusionNFT with the brightness reward; then a fresh
+    """Six rounds (one group of 8 images, one optimizer step each) of DiffusionNFT with the brightness reward; then a fresh
     policy with the final LoRA and the same policy with the LoRA off sample the same prompts and
     seeds (ODE): the trained LoRA's images are brighter."""
     from diffalign.pipelines.loading import load_policy
     from diffalign.rewards import load_reward
     from diffalign.training import sample_images
 
-    # measured trained - base: tiny-flux +0.039, tiny-sd3 +0.150 (six rounds: +0.007 / +0.109)
-    final = get_method("diffusion_nft")[1](_config(tmp_path / "run", model, train={"max_steps": 8})).train()
+    # measured trained - base (seeds 5 / 6): tiny-flux +0.097 / +0.083, tiny-sd3 +0.123 / +0.112
+    cfg = _config(tmp_path / "run", model, train={"max_steps": 6}, group_size=8, prompts_per_round=1)
+    final = get_method("diffusion_nft")[1](cfg).train()
     policy = load_policy(model)
     lora.load_lora(policy.denoiser, final)
     reward, prompts = load_reward("brightness"), ["a cat", "a dog"]
     trained = reward(sample_images(policy, prompts, seed=5, num_steps=4, guidance_scale=1.0), prompts).mean().item()
     with policy.reference():
         base = reward(sample_images(policy, prompts, seed=5, num_steps=4, guidance_scale=1.0), prompts).mean().item()
-    assert trained > base + 0.02, (base, trained)
+    assert trained > base + 0.03, (base, trained)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len([r for r in rows if "loss" in r]) == 8 and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert len([r for r in rows if "loss" in r]) == 6 and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 
 def test_resume_is_bitwise_with_the_old_adapter_inside_and_between_rounds(tmp_path):

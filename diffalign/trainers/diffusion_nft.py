@@ -8,8 +8,9 @@ Each round:
    eta 0 sampler, ``solver: euler``), CFG-free by default, keeping only the clean latents x0 (no
    log-probabilities are needed);
 2. **score** them with any registry reward;
-3. **advantages**: normalised per prompt group (the reference's per-prompt stat tracking; by the
-   std of the whole round with ``global_std``), mapped to the optimality probability
+3. **advantages**: normalised per prompt over the whole round, every process's groups of one
+   prompt pooled (the reference's per-prompt stat tracking; by the std of the whole round with
+   ``global_std``), mapped to the optimality probability
    r = clip(A / adv_clip_max / 2 + 1/2, 0, 1);
 4. **update**: for each image, on a random ``timestep_fraction`` of the sampler's timesteps,
    fresh noise gives x_t = (1 - t) x0 + t noise (the family's forward process); the old and the
@@ -58,7 +59,7 @@ from diffalign.pipelines.base import Conditioning, DiffusionPolicy, adapter_only
 from diffalign.run import Run, TrainingState
 from diffalign.trainers.d3po import check_reward_spec, sampling_conditioning
 from diffalign.trainers.npo import forward_coefficients, predicted_x0
-from diffalign.trainers.pref_grpo import group_advantages
+from diffalign.trainers.grpo_maths import per_prompt_advantages
 from diffalign.training import (
     EvalSettings,
     build_optimization,
@@ -351,9 +352,12 @@ class DiffusionNFTTrainer:
                     rewards = reward(images.float(), group_prompts).float().cpu().view(s.prompts_per_round, s.group_size)
                 round_metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
                                  "zero_std_frac": (rewards.std(dim=1) == 0).float().mean().item()}
-                # 3. advantages: per prompt group (std of the whole round over all processes with global_std)
+                # 3. advantages: per prompt over the whole gathered round (the reference's stat tracker;
+                #    the std of the whole round with global_std)
                 all_rewards = run.accelerator.gather(rewards.to(run.device)).cpu()
-                advantages = group_advantages(all_rewards, s.global_std).view(n, -1)[rank].view(-1)
+                all_picks = run.accelerator.gather(picks.to(run.device)).cpu()
+                advantages = per_prompt_advantages(all_rewards, [prompts[i] for i in all_picks.tolist()], s.global_std)
+                advantages = advantages.view(n, -1)[rank].view(-1)
                 first_epoch, first_start = 0, 0
             with torch.no_grad(), run.accelerator.autocast():
                 cond = policy.encode_prompts([prompts[i] for i in picks.tolist()], height=size, width=size)
