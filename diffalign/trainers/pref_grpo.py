@@ -41,6 +41,7 @@ that round exactly as the straight run would have.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar, Literal
 
 import torch
@@ -117,6 +118,13 @@ def judge_groups(reward, images: Tensor, prompts: list[str], group_size: int) ->
     return prefs
 
 
+def join_group_rewards(parts: list[tuple[dict[str, Tensor], dict[str, float], Tensor | None]]):
+    """Concatenate :meth:`GRPOTrainer.group_rewards` of consecutive groups along the group axis."""
+    components = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
+    judged = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
+    return components, parts[0][1], judged
+
+
 # --- config ----------------------------------------------------------------------------------
 
 
@@ -132,6 +140,11 @@ class GRPOSettings(BaseModel):
     group_size: int = Field(8, ge=2, description="G images per prompt, sampled from one starting noise.")
     prompts_per_round: int = Field(1, ge=1, description="Groups (prompts) sampled per process per round.")
     sample_batch_size: int | None = Field(None, ge=1, description="Chains per sampler call; null = the whole round at once.")
+    async_scoring: bool = Field(
+        False, description="Score each sampler call's images on a worker thread while the next call samples (a "
+        "remote reward or judge then overlaps its latency with sampling); needs sample_batch_size to be a multiple of "
+        "group_size (whole groups per call). The rewards, advantages and updates equal those of scoring the round "
+        "after sampling, except for a composite that standardises over its batch.")
     same_noise: bool = Field(True, description="All images of a group start from the same noise (false: independent).")
     num_steps: int = Field(10, ge=1, description="Sampler steps T per image.")
     guidance_scale: float | None = Field(
@@ -226,6 +239,11 @@ def _check_settings(cfg: BaseRunConfig, settings: GRPOSettings, key: str) -> Non
                 + f"; set {key}.ignore_last=false"
                 + ("" if settings.num_steps == 1 else f" or end {key}.sde_window_range before step {hi - 1}")
             )
+    if settings.async_scoring and (settings.sample_batch_size or 0) % settings.group_size:
+        raise UserError(
+            f"config error: {key}.async_scoring scores whole groups per sampler call: set {key}.sample_batch_size "
+            f"to a multiple of {key}.group_size = {settings.group_size} (it is {settings.sample_batch_size})"
+        )
     round_size = settings.prompts_per_round * settings.group_size
     per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     if round_size % per_step:
@@ -295,9 +313,10 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def sample_round(self, policy: DiffusionPolicy, prompts: list[str], generator: torch.Generator,
-                     sde_window: tuple[int, int] | None = None) -> Trajectory:
+                     sde_window: tuple[int, int] | None = None, on_images=None) -> Trajectory:
         """G chains per prompt (groups consecutive), in sampler calls of ``sample_batch_size``;
-        stochastic only inside ``sde_window`` when one is given."""
+        stochastic only inside ``sde_window`` when one is given. ``on_images(first, images)`` is
+        called after each sampler call with the index of its first chain (``async_scoring``)."""
         s = self.settings
         size = policy.default_resolution()
         guidance, noise_level = self.sampling_settings(policy)
@@ -305,13 +324,14 @@ class GRPOTrainer:
         total = len(prompts) * s.group_size
         latents = policy.initial_noise(total, size, size, generator, group_size=s.group_size if s.same_noise else 1)
         chunk = s.sample_batch_size or total
-        parts = [
-            policy.sample(cond.select(slice(i, i + chunk)), s.num_steps, guidance_scale=guidance,
-                          noise_level=noise_level, generator=generator, latents=latents[i : i + chunk],
-                          sde_type=s.sde_type, sde_window=sde_window, schedule_shift=s.schedule_shift,
-                          record_means=s.ratio_norm)
-            for i in range(0, total, chunk)
-        ]
+        parts = []
+        for i in range(0, total, chunk):
+            parts.append(policy.sample(cond.select(slice(i, i + chunk)), s.num_steps, guidance_scale=guidance,
+                                       noise_level=noise_level, generator=generator, latents=latents[i : i + chunk],
+                                       sde_type=s.sde_type, sde_window=sde_window, schedule_shift=s.schedule_shift,
+                                       record_means=s.ratio_norm))
+            if on_images is not None:
+                on_images(i, parts[-1].images)
         return dataclasses.replace(
             parts[0], cond=cond, latents=torch.cat([p.latents for p in parts]),
             log_probs=torch.cat([p.log_probs for p in parts]), images=torch.cat([p.images for p in parts]),
@@ -331,21 +351,25 @@ class GRPOTrainer:
         ``advantage_aggregation`` is ``reward_sum``. pref_grpo: the win rates from the reward's
         ``compare``, plus each of ``pointwise`` ({name: built reward}, weights from
         ``pointwise_rewards``)."""
+        return self.round_rewards(*self.group_rewards(reward, images, prompts, pointwise))
+
+    @torch.no_grad()
+    def group_rewards(self, reward, images: Tensor, prompts: list[str], pointwise: dict | None = None
+                      ) -> tuple[dict[str, Tensor], dict[str, float], Tensor | None]:
+        """What :meth:`score_rewards` computes group by group, for any whole groups of a round:
+        ({name: [n, G] rewards}, their weights, the judged pair probabilities [n, G(G-1)/2] or None),
+        so the round's parts can be scored as they are sampled (``async_scoring``) and joined."""
         s = self.settings
         images, g = images.float(), s.group_size
         images_prompts = [p for p in prompts for _ in range(g)]
-        metrics: dict[str, float] = {}
         components: dict[str, Tensor] = {}
         weights: dict[str, float] = {}
+        judged = None
         if self.pairwise:
             prefs = judge_groups(reward, images, images_prompts, g)
             components["win_rate"], weights["win_rate"] = pairwise_win_rates(prefs, s.tie_margin), s.win_rate_weight
             i_idx, j_idx = torch.triu_indices(g, g, offset=1)
             judged = prefs[:, i_idx, j_idx]
-            rates = components["win_rate"]
-            metrics = {"win_rate_std": rates.std(dim=1, unbiased=False).mean().item(),
-                       "win_rate_max": rates.max(dim=1).values.mean().item(),
-                       "tie_frac": ((judged - 0.5).abs() <= s.tie_margin).float().mean().item()}
             for spec, part in (pointwise or {}).items():
                 components[spec] = part(images, images_prompts).float().cpu().view(len(prompts), g)
                 weights[spec] = s.pointwise_rewards[spec]
@@ -356,6 +380,18 @@ class GRPOTrainer:
         else:
             components[reward.name] = reward(images, images_prompts).float().cpu().view(len(prompts), g)
             weights[reward.name] = 1.0
+        return components, weights, judged
+
+    def round_rewards(self, components: dict[str, Tensor], weights: dict[str, float], judged: Tensor | None
+                      ) -> tuple[dict[str, Tensor], dict[str, float], dict[str, float]]:
+        """A round's :meth:`group_rewards` -> (components, negated for NPO; weights; the round's metrics)."""
+        s = self.settings
+        metrics: dict[str, float] = {}
+        if judged is not None:
+            rates = components["win_rate"]
+            metrics = {"win_rate_std": rates.std(dim=1, unbiased=False).mean().item(),
+                       "win_rate_max": rates.max(dim=1).values.mean().item(),
+                       "tie_frac": ((judged - 0.5).abs() <= s.tie_margin).float().mean().item()}
         total = sum(weights[k] * components[k] for k in components)
         if len(components) > 1:
             metrics.update({f"reward/{k}": v.mean().item() for k, v in components.items()})
@@ -545,6 +581,8 @@ class GRPOTrainer:
         before = log_start_evaluation(run, start_step, lambda: self.evaluate(policy, eval_reward))
 
         step = start_step
+        # async_scoring: one worker scores each sampler call's images while the next one samples
+        scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpo-score") if s.async_scoring else None
         resumed = self.restore_round(state.process_tensors, policy, prompts, run) if state.process_tensors else None
         if resumed is not None:
             run.print(f"continuing the round in progress: inner epoch {resumed[-2] + 1}, from image {resumed[-1]}")
@@ -559,10 +597,18 @@ class GRPOTrainer:
                 round_prompts = [prompts[i] for i in picks.tolist()]
                 window = place_sde_window(s.num_steps, s.sde_window_size, s.sde_window_placement, s.sde_window_range,
                                           step // steps_per_round, pick_generator)
+                scored = []  # async_scoring: each sampler call's groups, scored on the worker meanwhile
+                on_images = None if scorer is None else lambda first, images: scored.append(scorer.submit(
+                    self.group_rewards, reward, images, round_prompts[first // s.group_size:
+                                                                      (first + len(images)) // s.group_size], pointwise))
                 with run.accelerator.autocast():
-                    trajectory = self.sample_round(policy, round_prompts, generator, window)
+                    trajectory = self.sample_round(policy, round_prompts, generator, window, on_images)
                 # 2. score: pointwise rewards or win rates within each group
-                components, weights, round_metrics = self.score_rewards(reward, trajectory.images, round_prompts, pointwise)
+                if scorer is None:
+                    parts = [self.group_rewards(reward, trajectory.images, round_prompts, pointwise)]
+                else:
+                    parts = [future.result() for future in scored]
+                components, weights, round_metrics = self.round_rewards(*join_group_rewards(parts))
                 # 3. advantages: normalised per group or prompt (or by the std of the whole round, over all processes)
                 gathered = {k: run.accelerator.gather(v.to(run.device)).cpu() for k, v in components.items()}
                 all_picks = run.accelerator.gather(picks.to(run.device)).cpu()
@@ -604,6 +650,8 @@ class GRPOTrainer:
                              evaluate=lambda: self.evaluate(policy, eval_reward))
                 first_start = 0
 
+        if scorer is not None:
+            scorer.shutdown(wait=True)
         after = self.evaluate(policy, eval_reward)
         return finish_run(run, cfg, policy, before, after, {"negative": "true"} if s.negative else None)
 
