@@ -150,6 +150,20 @@ def ratio_normalised_log_ratio(
     return std_b * (log_prob.float() - old_log_prob.float() + bias)
 
 
+def squared_error_log_ratio(log_prob: Tensor, old_log_prob: Tensor, std: Tensor | float) -> Tensor:
+    """Flow-GRPO's CPS log-ratio (``sd3_sde_with_logprob.py``, ``sde_type="cps"``: its log-prob keeps
+    only ``-mean_CHW((x - mean)^2)``), from Gaussian log-probs of the same step:
+
+        log r = 2 std^2 (log_prob - old_log_prob) = mean((x - old_mean)^2) - mean((x - mean)^2)
+
+    (the Gaussian log-probs share std, so their difference is the squared errors' over 2 std^2).
+    log_prob, old_log_prob: [B]; std: scalar or [B, 1, 1, 1]. Returns [B].
+    """
+    std = torch.as_tensor(std, dtype=torch.float32, device=log_prob.device)
+    std_b = std.flatten(1)[:, 0] if std.ndim > 1 else std
+    return 2 * std_b**2 * (log_prob.float() - old_log_prob.float())
+
+
 def grpo_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,
@@ -171,7 +185,8 @@ def grpo_loss(
         policy = mean(w * max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range)))
         loss   = policy + kl_beta * mean(kl)
 
-    ``log_ratio``: a replacement log-ratio [B] (:func:`ratio_normalised_log_ratio`);
+    ``log_ratio``: a replacement log-ratio [B] (:func:`ratio_normalised_log_ratio`,
+    :func:`squared_error_log_ratio`);
     ``policy_weight`` w: scalar or [B] (GRPO-Guard weighs each step by 1 / |dt|).
     Metrics (detached 0-d tensors): clip_frac = mean(|ratio - 1| > clip_range), approx_kl =
     0.5 * mean((log_prob - old_log_prob)^2) (to the sampling policy), the ratio's mean, and the

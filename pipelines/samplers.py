@@ -200,7 +200,7 @@ def flow_cps_step_with_logprob(
     total noise variance sigma_next^2. a = 0 gives the Euler ODE step; the last step (sigma_next =
     0) is deterministic. The log-probability is the Gaussian one of every step here (mean over
     C, H, W); the reference keeps only ``-mean((x - mean)^2)``, which scales the log-ratio by
-    2 std^2. Returns (prev_sample, log_prob [B], mean, std).
+    2 std^2 (GRPO's ``cps_log_prob: flow_grpo``). Returns (prev_sample, log_prob [B], mean, std).
     """
     x, v = sample.float(), velocity.float()
     s = _per_sample(sigma, x)

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from diffalign.losses import gaussian_mean_kl, grpo_loss, ratio_normalised_log_ratio
+from diffalign.losses import gaussian_mean_kl, grpo_loss, ratio_normalised_log_ratio, squared_error_log_ratio
 from diffalign.pipelines.samplers import flow_static_shift_sigmas
 from diffalign.trainers.grpo_maths import (
     aggregate_advantages,
@@ -101,6 +101,18 @@ def test_ratio_normalisation_by_hand():
     assert ratio_normalised_log_ratio(log_p, old, mean, old_mean, std).item() == pytest.approx(0.1, abs=1e-7)
 
 
+def test_cps_squared_error_log_ratio_as_flow_grpo():
+    """The same element: Flow-GRPO's CPS log-prob -(x - mean)^2 gives log r = -(0.4^2) + 0.5^2 = 0.09;
+    from the Gaussian log-ratio 0.18 with std 0.5: 2 * 0.25 * 0.18 = 0.09. Per sample with std [B, 1, 1, 1]."""
+    x, old_mean, mean, std = torch.full((1, 1), 0.5), torch.zeros(1, 1), torch.full((1, 1), 0.1), 0.5
+    log_p = -((x - mean) ** 2).mean(1) / (2 * std**2)
+    old = -((x - old_mean) ** 2).mean(1) / (2 * std**2)
+    assert squared_error_log_ratio(log_p, old, std).item() == pytest.approx(0.09, abs=1e-7)
+    stds = torch.tensor([0.5, 1.0]).view(2, 1, 1, 1)
+    torch.testing.assert_close(squared_error_log_ratio(torch.tensor([0.18, 0.18]), torch.zeros(2), stds),
+                               torch.tensor([0.09, 0.36]))
+
+
 def test_grpo_guard_normalised_ratio_has_mean_one_at_every_step():
     """A synthetic batch of 4096 chains x 16 elements at two steps, std 1.0 and 0.05, the policy's
     mean moved by d = 0.01 per element. The plain ratio exp(mean(z d) / std - d^2 / (2 std^2)) has
@@ -186,6 +198,8 @@ def test_defaults_are_unchanged_and_bad_options_are_one_line_errors():
                                   "reward_sum", None)
     with pytest.raises(UserError, match="sde_window_size 5 must fit in sde_window_range"):
         _config(num_steps=4, sde_window_size=5)
+    with pytest.raises(UserError, match="cps_log_prob: flow_grpo needs sde_type: cps"):
+        _config(cps_log_prob="flow_grpo")
     with pytest.raises(UserError, match="grpo.kl_form"):
         _config(kl_form="schulman")
     with pytest.raises(UserError, match=r"grpo.ignore_last: it drops the last sampler step, which is the only one"):
@@ -259,9 +273,10 @@ def _train(tmp_path, method, model, section, *, steps, lr, batch, num_steps, rec
 # (method, model, options, optimizer steps, lr): each raises the brightness of sampled images.
 # Measured eval brightness after - before (seed 0): see the assertion message when it fails.
 OPTION_RUNS = [
-    # Flow-GRPO-Fast style: CPS inside a random 2-step window, first-steps selection, the
-    # reference KL form, per-prompt stat tracking with the round's std
-    ("grpo", "tiny-flux", {"sde_type": "cps", "noise_level": 0.8, "sde_window_size": 2, "sde_window_range": [0, 3],
+    # Flow-GRPO-Fast style: CPS (the reference's squared-error log-ratio) inside a random 2-step
+    # window, first-steps selection, the reference KL form, per-prompt stat tracking, the round's std
+    ("grpo", "tiny-flux", {"sde_type": "cps", "cps_log_prob": "flow_grpo", "noise_level": 0.8, "sde_window_size": 2,
+                           "sde_window_range": [0, 3],
                            "timestep_selection": "first", "kl_beta": 0.01, "kl_form": "flow_grpo",
                            "per_prompt_stat_tracking": True, "global_std": True, "group_size": 8,
                            "prompts_per_round": 2}, 8, 3e-2),

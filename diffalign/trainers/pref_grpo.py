@@ -51,7 +51,7 @@ from torch import Tensor
 from diffalign.config import BaseRunConfig, register_method
 from diffalign.data import BUILTIN_PROMPTS, load_prompts
 from diffalign.errors import UserError
-from diffalign.losses import gaussian_mean_kl, grpo_loss, ratio_normalised_log_ratio
+from diffalign.losses import gaussian_mean_kl, grpo_loss, ratio_normalised_log_ratio, squared_error_log_ratio
 from diffalign.on_policy import OnPolicyCheck
 from diffalign.pipelines.base import DiffusionPolicy, Trajectory
 from diffalign.run import Run, TrainingState
@@ -158,6 +158,10 @@ class GRPOSettings(BaseModel):
     sde_type: Literal["sde", "cps"] = Field(
         "sde", description="The stochastic step: sde = Flow-GRPO's flow SDE (DDIM eta for SD/SDXL); cps = "
         "coefficients-preserving sampling, std = sigma_next sin(a pi / 2) (flow models only).")
+    cps_log_prob: Literal["gaussian", "flow_grpo"] = Field(
+        "gaussian", description="The CPS step's log-ratio: gaussian = of its Gaussian log-probs; flow_grpo = of "
+        "Flow-GRPO's -mean((x - mean)^2), i.e. 2 std^2 times the Gaussian one (the clip range then means what the "
+        "reference's does).")
     sde_window_size: int = Field(
         0, ge=0, description="SDE window (Flow-GRPO-Fast, MixGRPO): sample W steps with the SDE and the rest "
         "with the ODE (DDIM eta 0), and train only the window's steps; 0 = the SDE at every step.")
@@ -202,6 +206,8 @@ class GRPOSettings(BaseModel):
 
     @model_validator(mode="after")
     def _window_fits(self) -> "GRPOSettings":
+        if self.cps_log_prob == "flow_grpo" and (self.sde_type != "cps" or self.ratio_norm):
+            raise ValueError("cps_log_prob: flow_grpo needs sde_type: cps and ratio_norm: false")
         if self.sde_window_size:
             lo, hi = self.sde_window_range if self.sde_window_range is not None else (0, self.num_steps)
             if not (0 <= lo < hi <= self.num_steps) or self.sde_window_size > hi - lo:
@@ -447,6 +453,8 @@ class GRPOTrainer:
                 _, ref_mean, _ = policy.step_distribution(trajectory, step)
             kl = gaussian_mean_kl(mean, ref_mean, std, dt if s.kl_form == "flow_grpo" else None)
         log_ratio, weight = None, 1.0
+        if s.cps_log_prob == "flow_grpo":
+            log_ratio = squared_error_log_ratio(log_prob, old_log_prob, std)
         if s.ratio_norm:
             log_ratio = ratio_normalised_log_ratio(log_prob, old_log_prob, mean, trajectory.means[rows, steps], std)
             weight = 1.0 / dt
