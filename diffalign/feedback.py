@@ -99,7 +99,9 @@ def _write_feedback_round(policy, cfg, out_dir, num_pairs, seed, batch_size, lor
         "latents": torch.cat(latents).contiguous(), "log_probs": torch.cat(log_probs).contiguous(),
         "timesteps": timesteps.float().contiguous(), "next_timesteps": next_timesteps.float().contiguous(),
     }
-    safetensors.torch.save_file(tensors, str(out / TRAJECTORIES_FILE), metadata={METADATA_KEY: json.dumps(meta)})
+    from diffalign.files import tensors_bytes, write_file
+
+    write_file(out / TRAJECTORIES_FILE, tensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta)}))  # umask, not 0600
     lines = [
         json.dumps({"pair_id": pid, "prompt": prompt, "image_0": f"images/{pid}-0.png",
                     "image_1": f"images/{pid}-1.png", "choice": None})

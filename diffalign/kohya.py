@@ -277,16 +277,14 @@ def kohya_metadata(family: str, rank: int, alpha: float, model: str | None, name
 
 def write_new_file(tensors: dict[str, Tensor], out: Path, metadata: dict[str, str]) -> Path:
     """Write a safetensors file atomically (temporary file, then rename); an existing ``out`` is a UserError."""
-    import safetensors.torch
+    from diffalign.files import tensors_bytes, write_file
 
     if out.exists():
         raise UserError(f"--out {out} exists; give a new path (export never overwrites a file)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
     try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        write_file(tmp, tensors_bytes(tensors, metadata=metadata))  # fsync'd; the user's umask, not 0600
         os.rename(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -378,10 +378,12 @@ def test_a_signal_during_training_checkpoints_and_exits_75(trained, tmp_path, ca
                     "continue with resume=latest")
 
 
-def test_the_final_lora_and_checkpoints_follow_the_umask(trained):
+def test_the_final_lora_checkpoints_and_exports_follow_the_umask(trained, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
-    files = [trained["run"] / "final" / "pytorch_lora_weights.safetensors", *(trained["run"] / "checkpoints").rglob("*.*")]
+    kohya = tmp_path / "kohya.safetensors"
+    assert main(["export-lora", str(trained["run"] / "final"), "--format", "kohya", "--out", str(kohya)]) == 0
+    files = [trained["run"] / "final" / "pytorch_lora_weights.safetensors", kohya, *(trained["run"] / "checkpoints").rglob("*.*")]
     assert len(files) > 5
     for path in files:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
