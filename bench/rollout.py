@@ -20,7 +20,8 @@ vs its bare denoiser passes.
 All interleave the timed functions each repeat (drift affects all alike) and report medians.
 
     python bench/rollout.py                                  # the tiny models on the CPU
-    python bench/rollout.py --models random-sdxl --resolution 512 --device cuda --dtype bf16
+    python bench/rollout.py --size small --families sd flux  # compute-bound on a CPU (bench/sizes.py)
+    python bench/rollout.py --size full --families sdxl --resolution 512 --device cuda --dtype bf16
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import os
 import sys
 
 import torch
+from sizes import FAMILIES, add_size_arguments, build_policy
 from timing import timed_interleaved
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,9 +39,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3"],
-                        help="tiny-*, diffusers dirs / hub ids, or random-sdxl (SDXL base size, random weights)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_size_arguments(parser)
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                        help="families to measure (--family is ignored here)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--batch", type=int, default=8, help="images per rollout (and per GRPO micro-batch)")
@@ -57,14 +59,8 @@ def interleaved(fns: dict, device: str, repeats: int, reset=lambda: None) -> dic
     return {name: seconds for name, (seconds, _) in timed_interleaved(fns, device, repeats, reset).items()}
 
 
-def load(model: str, device: str, dtype: torch.dtype, resolution: int | None):
-    from diffalign.pipelines.loading import load_policy, policy_for
-
-    if model == "random-sdxl":
-        from diffalign.pipelines.reference_configs import build_random_sdxl
-
-        return policy_for(build_random_sdxl(device, dtype), resolution=resolution or 1024)
-    return load_policy(model, device=device, torch_dtype=dtype, resolution=resolution)
+def load(family: str, size: str, device: str, dtype: torch.dtype, resolution: int | None):
+    return build_policy(family, size, device, dtype, resolution)
 
 
 def bench_rollout(policy, args, prompts: list[str], guidance: float, noise_level: float) -> dict[str, float]:
@@ -189,8 +185,9 @@ def main() -> int:
     prompts = [f"a photo of object {i}" for i in range(args.batch)]
     print(f"device {args.device}, {args.dtype}, batch {args.batch}, {args.steps} steps, median of {args.repeats}"
           f" (torch threads {torch.get_num_threads()})")
-    for model in args.models:
-        policy = load(model, args.device, dtype, args.resolution)
+    for family in args.families:
+        model = f"{args.size} {family}"
+        policy = load(family, args.size, args.device, dtype, args.resolution)
         guidance = DEFAULT_GUIDANCE[policy.family] if args.guidance is None else args.guidance
         noise_level = DEFAULT_NOISE_LEVEL[policy.family]
         size = policy.default_resolution()
