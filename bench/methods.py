@@ -103,7 +103,7 @@ def shapes_world() -> World:
         name="shapes", models={f: f"shapes-{f}" for f in ("sd", "sdxl", "flux", "sd3")},
         verifiable="shapes_geneval", learned="shapes_pref",
         train_prompts=train, heldout_prompts=heldout[::step][:8],
-        dpo_source="builtin:shapes", num_steps=10, eval_guidance=4.0, recipes=True, budget=6000, quick_budget=2000,
+        dpo_source="builtin:shapes", num_steps=10, eval_guidance=4.0, recipes=True, budget=1500, quick_budget=1000,
     )  # fmt: skip
 
 
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", help="comma-separated (default: every method that applies)")
     parser.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick 1)")
     parser.add_argument("--budget", type=int, help="forward-pass equivalents per run (default: the world's)")
-    parser.add_argument("--checks", type=int, default=4, help="held-out checks along each run (the curve's points)")
+    parser.add_argument("--checks", type=int, default=3, help="held-out checks along each run (the curve's points)")
     parser.add_argument("--out", default="runs/bench-methods")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
