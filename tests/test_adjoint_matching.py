@@ -486,12 +486,9 @@ def test_loss_reduction_mean_is_the_sum_over_k_divided_by_k(tmp_path):
 
 def test_adjoint_guidance_changes_only_a_guided_run(tmp_path):
     """Guidance shapes only the samples by default (official); adjoint_guidance: true also guides
-    the lean adjoint through the base drift. With guidance_scale 1 both are the same computation;
-    with guidance 3 the same samples get a different adjoint (target_norm) and gradient."""
+    the lean adjoint through the base drift: with guidance 3 the same samples get a different
+    adjoint (target_norm) and gradient."""
     common = {"empty_prompt_fraction": 0.0}
-    off1 = _one_step_metrics(tmp_path, "off1", guidance_scale=1.0, **common)
-    on1 = _one_step_metrics(tmp_path, "on1", guidance_scale=1.0, adjoint_guidance=True, **common)
-    assert (off1["target_norm"], off1["grad_norm"]) == (on1["target_norm"], on1["grad_norm"])
     off3 = _one_step_metrics(tmp_path, "off3", guidance_scale=3.0, **common)
     on3 = _one_step_metrics(tmp_path, "on3", guidance_scale=3.0, adjoint_guidance=True, **common)
     assert off3["reward"] == on3["reward"]  # guided sampling either way: the same images
