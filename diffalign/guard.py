@@ -204,6 +204,12 @@ class RewardHackingGuard:
         if cfg.eval.reward in trained:
             run.print(f"guard: eval.reward {cfg.eval.reward!r} is also the training reward; the guard cannot see it "
                       "being hacked. Set eval.reward to another reward (e.g. a verifiable one)")
+        trained_prompts = {p for name in type(cfg).model_fields if name != "eval"
+                           for p in _prompt_list(getattr(getattr(cfg, name, None), "prompts", None))}
+        shared = [p for p in cfg.eval.prompts if p in trained_prompts]
+        if shared:
+            run.print(f"guard: {len(shared)} of the {len(cfg.eval.prompts)} eval.prompts are also training prompts "
+                      f"(e.g. {shared[0]!r}); held-out prompts show hacking sooner")
         run.print(f"guard: held-out {self.reward.name} and diversity on {len(cfg.eval.prompts)} prompts x "
                   f"{cfg.eval.num_images_per_prompt} seeds every {self.every} steps; action {self.settings.action}, "
                   f"keep_best {self.settings.keep_best}")
@@ -297,6 +303,11 @@ class RewardHackingGuard:
                 param.copy_(best.to(param.device, param.dtype))
         self.run.print(f"guard: final LoRA = step {self.best_step} (best held-out reward); "
                        f"the weights of step {step} are in {self.run.out_dir / 'last'}")
+
+
+def _prompt_list(prompts) -> list[str]:
+    """A section's ``prompts`` when it is a list (a file path or a missing value: none)."""
+    return list(prompts) if isinstance(prompts, (list, tuple)) else []
 
 
 def negative_metadata(cfg) -> dict[str, str] | None:

@@ -183,6 +183,9 @@ def test_warn_trains_to_the_end_and_keep_best_chooses_the_final_lora(tmp_path):
     train()
     records = _guard_records(tmp_path / "best")
     assert [r["step"] for r in records] == [0, 2, 4, 6, 8]
+    log = (tmp_path / "best" / "log.txt").read_text()
+    assert "guard: 1 of the 2 eval.prompts are also training prompts (e.g. 'a cat')" in log
+    assert "guard: held-out saturation and diversity on 2 prompts x 2 seeds every 2 steps; action warn" in log
     assert [r["guard/action"] for r in records if r["guard/verdict"] == "hacking"] == ["warn", "warn"]
     assert _heldout_of(tmp_path / "best" / "final", cfg) == pytest.approx(records[-1]["guard/best_heldout"], abs=1e-6)
 
