@@ -246,8 +246,9 @@ def test_server_killed_mid_run_stops_training_with_one_line_and_keeps_the_last_c
             if process is not None and process.poll() is None:
                 process.kill()
     assert train.returncode != 0
-    assert re.search(r"error: reward 'remote': no answer from http://127\.0\.0\.1:\d+/score after 3 tries "
-                     r"\(last: ConnectError.*\); is `diffalign serve-reward` running there\?", stderr), stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]  # the error is the last line printed, after the closed progress bar
+    assert re.fullmatch(r"error: reward 'remote': no answer from http://127\.0\.0\.1:\d+/score after 3 tries "
+                        r"\(last: ConnectError.*\); is `diffalign serve-reward` running there\?", last), stderr[-2000:]
     from diffalign.checkpoint import list_checkpoints
 
     steps = [int(p.name.split("-")[1]) for p in list_checkpoints(out / "checkpoints")]
