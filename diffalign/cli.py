@@ -2,8 +2,11 @@
 
     diffalign train CONFIG [key=value ...] [--dry-run] [--overwrite]
     diffalign generate --model M [--lora DIR] [--npo DIR] (--prompt TEXT --out FILE | --prompts FILE --out DIR)
-    diffalign export-tiny {sd,sdxl,flux,sd3} OUT_DIR
     diffalign export-lora RUN/final --format kohya --out model.safetensors   [--merge]
+    diffalign export-tiny {sd,sdxl,flux,sd3,shapes-sd,...} OUT_DIR
+    diffalign world build --family {sd,sdxl,flux,sd3} --out DIR   (the shapes-world models)
+    diffalign world pairs --model shapes-sd --out DIR        (builtin:shapes pairs as parquet)
+    diffalign world compare --model shapes-sd --lora RUN/final --out grid.png
     diffalign score ...            (see diffalign score --help)
     diffalign sample CONFIG --out DIR   (D3PO human-feedback pairs)
     diffalign label DIR [--name N] | label export DIR --out DIR2   (label pairs in the browser)
@@ -196,6 +199,11 @@ def _family_of_model(model: str) -> str | None:
 def _cmd_export_tiny(args: argparse.Namespace) -> int:
     from diffalign.pipelines.tiny import export_tiny
 
+    if args.family.startswith("shapes-"):
+        from diffalign.pipelines.loading import export_shapes
+
+        print(f"wrote {args.family} to {export_shapes(args.family, args.out_dir)}")
+        return 0
     name = args.family if args.family.startswith("tiny-") else f"tiny-{args.family}"
     try:
         out = export_tiny(name, args.out_dir)
@@ -280,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     export = commands.add_parser("export-tiny", help="write an embedded tiny model as a diffusers directory")
-    export.add_argument("family", choices=["sd", "sdxl", "flux", "sd3", "tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3"])
+    export.add_argument("family", choices=["sd", "sdxl", "flux", "sd3", "tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3",
+                                           "shapes-sd", "shapes-sdxl", "shapes-flux", "shapes-sd3"])
     export.add_argument("out_dir")
     export.set_defaults(func=_cmd_export_tiny)
 
@@ -295,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     label = commands.add_parser("label", help="label image pairs in the browser (D3PO labels; `label export`: Pick-a-Pic parquet)")
     add_label_arguments(label)
     label.set_defaults(func=run_label)
+    world = commands.add_parser("world", help="the shapes world: rebuild its pretrained models")
+    world_commands = world.add_subparsers(dest="world_command", required=True)
+    world_build = world_commands.add_parser("build", help="pretrain a shapes-<family> model from scratch, deterministically")
+    from diffalign.world import add_build_arguments, run_build
+
+    add_build_arguments(world_build)
+    world_build.set_defaults(func=run_build)
+    from diffalign.world_data import add_world_commands
+
+    add_world_commands(world_commands)
 
     score = commands.add_parser("score", help="score images (or image pairs) with registry rewards")
     from diffalign.scoring import add_score_arguments, run_score

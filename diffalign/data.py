@@ -7,7 +7,9 @@ Preference pairs come from
 * a **JSONL manifest**, one ``{"prompt": ..., "chosen": path, "rejected": path}`` per line, paths
   relative to the manifest;
 * ``builtin:brightness``: a small preference set the project makes itself (smooth colour fields
-  ranked by the ``brightness`` reward), written as a JSONL manifest so it takes the same path.
+  ranked by the ``brightness`` reward), written as a JSONL manifest so it takes the same path;
+* ``builtin:shapes`` (``builtin:shapes-sdxl`` ...): pairs sampled from a shapes-world base model
+  and ranked by ``shapes_geneval`` (``diffalign.world_data``), written as Pick-a-Pic parquet.
 
 Both images of a pair get identical augmentation (one resize, one crop, one flip). Randomness is
 derived from (seed, epoch, index), so an epoch's order and crops are reproducible after resume.
@@ -439,8 +441,12 @@ def builtin_pairs(name: str, cache_dir: str | os.PathLike | None = None, num_pai
     version the ``brightness`` reward scores higher is ``chosen``. Only brightness differs
     within a pair, so the preference is learnable from a few dozen pairs and the reward moves.
     """
+    if name == "shapes" or name.startswith("shapes-"):
+        from diffalign.world_data import builtin_shapes_pairs  # the shapes world's pairs (Pick-a-Pic parquet)
+
+        return builtin_shapes_pairs(name, cache_dir)
     if name != "brightness":
-        raise UserError(f"data.source: unknown built-in set 'builtin:{name}'; available: builtin:brightness")
+        raise UserError(f"data.source: unknown built-in set 'builtin:{name}'; available: builtin:brightness, builtin:shapes")
     from diffalign.pipelines.tiny import cache_root
     from diffalign.rewards import load_reward
 

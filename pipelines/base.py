@@ -241,7 +241,10 @@ class DiffusionPolicy(abc.ABC):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(p for p in self.denoiser.parameters() if not p.requires_grad).dtype
+        # The frozen base weights' dtype (LoRA weights may be fp32 over fp16 ones); all of them when
+        # the whole denoiser trains (the shapes world's pretraining).
+        params = list(self.denoiser.parameters())
+        return next((p for p in params if not p.requires_grad), params[0]).dtype
 
     def reference(self) -> contextlib.AbstractContextManager:
         """Context in which ``predict``/``log_prob`` use the reference model: the base model

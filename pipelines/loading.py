@@ -1,7 +1,9 @@
-"""Load a model by name: an embedded tiny model, a local diffusers directory or a hub id.
+"""Load a model by name: an embedded tiny model, a shipped shapes-world model, a local diffusers
+directory or a hub id.
 
 Every kind goes through ``DiffusionPipeline.from_pretrained`` (the tiny models are built once
-into a cache folder), so the code path a test takes is the one a user's SDXL or FLUX takes.
+into a cache folder; the shapes models ship as diffusers folders under ``pipelines/shapes/``),
+so the code path a test takes is the one a user's SDXL or FLUX takes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from diffalign.errors import UserError
 from .base import DiffusionPolicy
 from .tiny import TINY_MODELS, TINY_RESOLUTION, tiny_model_dir
 
+# The shapes world's pretrained models (``diffalign world build`` rebuilds them): 64 px images,
+# 16 x 16 latents, and (FLUX, SD3) a 16-token T5 sequence.
+SHAPES_MODELS = ("shapes-sd", "shapes-sdxl", "shapes-flux", "shapes-sd3")
+SHAPES_ROOT = Path(__file__).resolve().parent / "shapes"
+SHAPES_RESOLUTION = 64
+SHAPES_T5_LENGTH = 16
+EMBEDDED_MODELS = TINY_MODELS + SHAPES_MODELS
+
 # Pipeline class name -> family. Each family has one policy class.
 PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "sd",
@@ -27,9 +37,35 @@ PIPELINE_FAMILIES = {
 FAMILY_PIPELINES = {family: name for name, family in PIPELINE_FAMILIES.items()}
 
 
+def shapes_model_dir(name: str) -> Path:
+    """The shipped folder of shapes model ``name``; a :class:`UserError` says how to build it if absent."""
+    folder = SHAPES_ROOT / name
+    if not (folder / "model_index.json").is_file():
+        family = name.removeprefix("shapes-")
+        raise UserError(f"model {name!r} is not shipped in this install ({folder} is missing); build it with "
+                        f"`diffalign world build --family {family} --out DIR` and set model=DIR")
+    return folder
+
+
+def export_shapes(name: str, out_dir: str | os.PathLike) -> Path:
+    """Copy shipped shapes model ``name`` to ``out_dir`` (new or empty) as a diffusers folder."""
+    import shutil
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose an empty or new folder")
+    shutil.copytree(shapes_model_dir(name), out, dirs_exist_ok=True)
+    return out
+
+
 def resolve_model_path(model: str) -> str:
-    """A tiny model name becomes its cached directory; anything else is returned as given."""
-    return str(tiny_model_dir(model)) if model in TINY_MODELS else model
+    """A tiny model name becomes its cached directory, a shapes model its shipped folder; anything
+    else is returned as given."""
+    if model in TINY_MODELS:
+        return str(tiny_model_dir(model))
+    if model in SHAPES_MODELS:
+        return str(shapes_model_dir(model))
+    return model
 
 
 def detect_family(model: str) -> str | None:
@@ -64,7 +100,7 @@ def load_pipeline(
 
     quiet_libraries()  # no "Loading pipeline components" bars unless --verbose
     path = resolve_model_path(model)
-    if model not in TINY_MODELS and os.path.isfile(path):
+    if model not in EMBEDDED_MODELS and os.path.isfile(path):
         raise UserError(
             f"model {model!r} is a single file; point model at a diffusers directory or hub id "
             "(convert single-file checkpoints with the pipeline's from_single_file + save_pretrained)"
@@ -79,7 +115,7 @@ def load_pipeline(
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
             f"model {model!r}: cannot load it as a local diffusers directory or hub id ({reason}); "
-            f"download it and set model=/path/to/dir, or use one of {', '.join(TINY_MODELS)}"
+            f"download it and set model=/path/to/dir, or use one of {', '.join(EMBEDDED_MODELS)}"
         ) from err
     _family_of(type(pipe).__name__, model)
     for component in pipe.components.values():
@@ -117,12 +153,21 @@ def load_policy(
         resolution = resolution or TINY_RESOLUTION
         if model in ("tiny-flux", "tiny-sd3"):
             options.setdefault("max_sequence_length", 32)
+    if model in SHAPES_MODELS:
+        resolution = resolution or SHAPES_RESOLUTION
+        if model in ("shapes-flux", "shapes-sd3"):
+            options.setdefault("max_sequence_length", SHAPES_T5_LENGTH)
     return policy_for(pipe, resolution=resolution, **options)
 
 
 def pipeline_call_defaults(model: str) -> dict:
     """Keyword arguments for a stock pipeline ``__call__`` that match what diffalign trained
     with: the tiny models' 64 px size and (FLUX, SD3) 32-token T5 sequence; nothing for real models."""
+    if model in SHAPES_MODELS:
+        kwargs = {"height": SHAPES_RESOLUTION, "width": SHAPES_RESOLUTION}
+        if model in ("shapes-flux", "shapes-sd3"):
+            kwargs["max_sequence_length"] = SHAPES_T5_LENGTH
+        return kwargs
     if model not in TINY_MODELS:
         return {}
     kwargs = {"height": TINY_RESOLUTION, "width": TINY_RESOLUTION}

@@ -112,6 +112,10 @@ HELD_OUT_PROMPTS = tuple(s.prompt for s in HELD_OUT_SPECS)
 # compositional ones (two bound colours, at least one of them a held-out binding).
 SINGLE_OBJECT_PROMPTS = tuple(s.prompt for s in TRAIN_SPECS if s.tag in ("single_object", "colors"))
 HELD_OUT_COMPOSITIONAL_PROMPTS = tuple(s.prompt for s in HELD_OUT_SPECS if s.tag == "color_attr")
+# Alignment on the world: methods train on one half of the held-out prompts and are measured on the
+# other half, so the evaluation prompts were seen neither in pretraining nor in alignment.
+ALIGN_TRAIN_PROMPTS = HELD_OUT_PROMPTS[0::2]
+ALIGN_EVAL_PROMPTS = HELD_OUT_PROMPTS[1::2]
 
 _SHAPE_WORD = r"(circle|square|triangle)s?"
 _NP = rf"(a|an|one|two|three|four)\s+(?:(red|green|blue|yellow)\s+)?{_SHAPE_WORD}"

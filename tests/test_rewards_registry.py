@@ -20,7 +20,7 @@ from diffalign.rewards import (
 from diffalign.rewards.registry import _REGISTRY, format_reward_spec
 
 BUILTIN = ["aesthetic", "brightness", "clip", "composite", "geneval", "hpsv2", "hpsv3", "imagereward", "jpeg_compressibility",
-           "jpeg_incompressibility", "ocr", "openai_judge", "pickscore", "remote", "saturation", "shapes_geneval",
+           "jpeg_incompressibility", "ocr", "openai_judge", "pickscore", "remote", "saturation", "shapes_geneval", "shapes_pref",
            "target_color", "unifiedreward", "vlm"]
 
 

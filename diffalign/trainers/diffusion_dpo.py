@@ -58,7 +58,7 @@ class PairDataSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(
-        ..., description="builtin:brightness | a .jsonl manifest {prompt, chosen, rejected} | a local parquet/arrow "
+        ..., description="builtin:brightness | builtin:shapes | a .jsonl manifest {prompt, chosen, rejected} | a local parquet/arrow "
         "folder or hub dataset id in the Pick-a-Pic schema (caption, jpg_0, jpg_1, label_0)."
     )
     split: str = Field("train", description="Dataset split (hub/local datasets).")

@@ -1,0 +1,292 @@
+"""Pretrain, measure and ship the shapes-world models (``diffalign world build``).
+
+One pretraining loop for every family, written only against the Policy contract:
+``encode_images`` -> ``noise`` / ``target`` / ``predict`` -> MSE, on batches of world images and
+their captions (10% of captions replaced by "" so classifier-free guidance works). The denoiser
+and the text encoders train together; the shapes VAE is fixed (exact on world images).
+
+A build writes a standard diffusers folder (denoiser and text encoders stored in fp16, the VAE
+in fp32) plus ``manifest.json``: the command, seed, steps, a content hash over every file and
+the base scores measured on the reloaded folder. Same seed, steps and thread count give the
+same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from diffalign.errors import UserError
+
+if TYPE_CHECKING:  # torch and numpy load inside the functions, so the CLI starts fast
+    import torch
+
+MANIFEST = "manifest.json"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "shapes"
+
+
+@dataclass
+class WorldBuildConfig:
+    """How one shapes model is pretrained and measured.
+
+    family: sd | sdxl | flux | sd3. seed: weights, captions, images and noise all follow it.
+    steps, batch_size, learning_rate, warmup_steps: AdamW (weight decay 0, gradient norm clipped
+    at 1), linear warm-up then cosine decay to 10%. caption_dropout: share of "" captions.
+    sample_steps, guidance_scale: how the base scores are measured (deterministic sampler).
+    eval_seeds: images per prompt for the base scores. threads: torch CPU threads (part of what
+    makes a build reproducible).
+    """
+
+    family: str
+    seed: int = 0
+    steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    sample_steps: int = 20
+    guidance_scale: float = 4.0
+    eval_seeds: int = 4
+    threads: int = 2
+
+
+def policy_options(family: str) -> dict:
+    """Policy options the shapes models run with (their short T5 sequences)."""
+    from diffalign.world_models import T5_LENGTH
+
+    return {"max_sequence_length": T5_LENGTH} if family in ("flux", "sd3") else {}
+
+
+def world_policy(pipe, family: str):
+    from diffalign.pipelines.loading import policy_for
+    from diffalign.rewards.shapes_world import IMAGE_SIZE
+
+    return policy_for(pipe, resolution=IMAGE_SIZE, **policy_options(family))
+
+
+def _trainable_modules(pipe) -> list:
+    import torch
+
+    return [m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module) and name != "vae"]
+
+
+def world_batch(captions: Sequence[str], seeds: Sequence[int]) -> "torch.Tensor":
+    """World images of ``captions`` drawn with ``seeds``: [B, 3, 64, 64] in [-1, 1]."""
+    import numpy as np
+    import torch
+
+    from diffalign.rewards.shapes_world import draw
+
+    arrays = np.stack([draw(c, int(s)) for c, s in zip(captions, seeds)])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def pretrain(pipe, config: WorldBuildConfig, log: Callable[[str], None] = _print) -> list[float]:
+    """Train ``pipe``'s denoiser and text encoders on the world in place; returns the losses."""
+    import numpy as np
+    import torch
+
+    from diffalign.rewards.shapes_world import sample_captions
+
+    policy = world_policy(pipe, config.family)
+    modules = _trainable_modules(pipe)
+    params = [p for m in modules for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+
+    def lr_factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    generator = torch.Generator().manual_seed(config.seed)
+    # The policy's prompt encoding with gradients (its public method runs under no_grad).
+    encode = type(policy).encode_prompts.__wrapped__
+    losses, start = [], time.time()
+    for step in range(config.steps):
+        # 1. a batch of world images and captions
+        captions = sample_captions(config.batch_size, seed=config.seed * 1_000_003 + step)
+        seeds = [config.seed * 1_000_003 + step * config.batch_size + i for i in range(config.batch_size)]
+        with torch.no_grad():
+            latents = policy.encode_images(world_batch(captions, seeds), generator=generator)
+        drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        prompts = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        # 2. the denoising loss of the family (epsilon or flow velocity)
+        cond = encode(policy, prompts)
+        noise = torch.randn(latents.shape, generator=generator)
+        t = policy.training_timesteps(config.batch_size, generator=generator)
+        prediction = policy.predict(policy.noise(latents, noise, t), t, cond)
+        loss = torch.nn.functional.mse_loss(prediction, policy.target(latents, noise, t))
+        # 3. update
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == config.steps:
+            log(f"[{config.family}] step {step + 1}/{config.steps}  loss {np.mean(losses[-100:]):.4f}  "
+                f"{time.time() - start:.0f}s")
+    for p in params:
+        p.requires_grad_(False)
+    return losses
+
+
+def sample_world(policy, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = 20,
+                 guidance_scale: float = 4.0, batch_size: int = 32) -> "torch.Tensor":
+    """Deterministic samples (DDIM eta 0 / flow ODE): [N, 3, 64, 64] in [0, 1]; image i starts from
+    the noise of ``seeds[i]``, so base and trained models can be compared image by image."""
+    import torch
+
+    with torch.no_grad():
+        return _sample_world(policy, prompts, seeds, num_steps, guidance_scale, batch_size)
+
+
+def _sample_world(policy, prompts, seeds, num_steps, guidance_scale, batch_size):
+    import torch
+
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk, chunk_seeds = list(prompts[start:start + batch_size]), seeds[start:start + batch_size]
+        cond = policy.encode_prompts(chunk, with_uncond=True)
+        shape = policy.latent_shape(policy.default_resolution(), policy.default_resolution())
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in chunk_seeds])
+        out = policy.sample(cond, num_steps, guidance_scale=guidance_scale, noise_level=0.0, latents=noise.to(policy.device))
+        images.append(out.images.float().cpu())
+    return torch.cat(images)
+
+
+def measure(policy, config: WorldBuildConfig) -> dict:
+    """Mean strict ``shapes_geneval`` on the in-distribution single-object prompts, all training
+    prompts, and the held-out compositional prompts (``eval_seeds`` images each, seeds 0..n-1)."""
+    from diffalign.rewards import load_reward
+    from diffalign.rewards.shapes_world import HELD_OUT_COMPOSITIONAL_PROMPTS, SINGLE_OBJECT_PROMPTS, TRAIN_PROMPTS
+
+    reward = load_reward("shapes_geneval")
+    scores = {}
+    for name, prompts in (("single_object", SINGLE_OBJECT_PROMPTS), ("train", TRAIN_PROMPTS),
+                          ("held_out_compositional", HELD_OUT_COMPOSITIONAL_PROMPTS)):
+        repeated = [p for p in prompts for _ in range(config.eval_seeds)]
+        seeds = [s for _ in prompts for s in range(config.eval_seeds)]
+        images = sample_world(policy, repeated, seeds, config.sample_steps, config.guidance_scale)
+        scores[name] = round(float(reward(images, repeated).mean()), 4)
+    return scores
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over every file's relative path and bytes (the manifest excluded), in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def save_shapes_pipeline(pipe, out: Path) -> None:
+    """``save_pretrained`` with the denoiser and text encoders in fp16 (the VAE stays fp32: its
+    colour-preserving weights include 1e-5 gains below fp16's normal range)."""
+    import torch
+
+    for module in _trainable_modules(pipe):
+        module.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    for module in _trainable_modules(pipe):
+        module.to(torch.float32)
+
+
+def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = None,
+          log: Callable[[str], None] = _print, measure_scores: bool = True) -> dict:
+    """Build one shapes model from scratch into ``out_dir`` (which must not exist or be empty);
+    returns its manifest. Writes into a temporary sibling and renames, so a failed build leaves
+    nothing behind."""
+    import numpy as np
+    import torch
+
+    from diffalign.pipelines.loading import load_pipeline
+    from diffalign.world_models import FAMILIES, build_untrained
+
+    if config.family not in FAMILIES:
+        raise UserError(f"world build: --family {config.family!r} is not one of {', '.join(FAMILIES)}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"world build: {out} exists and is not empty; choose a new folder (nothing was written)")
+    torch.set_num_threads(config.threads)
+    tmp = out.parent / f".{out.name}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.time()
+    try:
+        pipe = build_untrained(config.family, config.seed)
+        losses = pretrain(pipe, config, log)
+        save_shapes_pipeline(pipe, tmp)
+        manifest = {
+            "name": f"shapes-{config.family}",
+            "command": command or f"diffalign world build --family {config.family} --seed {config.seed} "
+                                  f"--steps {config.steps} --out {out}",
+            "config": asdict(config),
+            "pipeline": type(pipe).__name__,
+            "final_loss": round(float(np.mean(losses[-100:])), 5),
+            "train_seconds": round(time.time() - start),
+            "torch": torch.__version__,
+        }
+        if measure_scores:
+            reloaded = load_pipeline(str(tmp))
+            manifest["base_scores"] = measure(world_policy(reloaded, config.family), config)
+            manifest["base_scores_note"] = (f"strict shapes_geneval, {config.eval_seeds} seeds per prompt, "
+                                            f"{config.sample_steps} deterministic steps, guidance {config.guidance_scale}")
+        manifest["content_sha256"] = content_hash(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {out}: {json.dumps(manifest.get('base_scores', {}))}")
+    return manifest
+
+
+def add_build_arguments(parser) -> None:
+    """The options of ``diffalign world build``."""
+    parser.add_argument("--family", required=True, help="sd | sdxl | flux | sd3")
+    parser.add_argument("--out", required=True, help="a new or empty folder for the diffusers model")
+    for field in ("seed", "steps", "batch_size", "threads", "eval_seeds"):
+        parser.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(WorldBuildConfig, field))
+    parser.add_argument("--learning-rate", type=float, default=WorldBuildConfig.learning_rate)
+    parser.add_argument("--guidance-scale", type=float, default=WorldBuildConfig.guidance_scale)
+
+
+def run_build(args) -> int:
+    """``diffalign world build``: pretrain one family from scratch, measure it, write DIR + manifest."""
+    config = WorldBuildConfig(family=args.family, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                              threads=args.threads, eval_seeds=args.eval_seeds, learning_rate=args.learning_rate,
+                              guidance_scale=args.guidance_scale)
+    command = (f"diffalign world build --family {args.family} --seed {args.seed} --steps {args.steps} "
+               f"--batch-size {args.batch_size} --threads {args.threads} --out DIR")
+    build(config, args.out, command=command)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m diffalign.world --family sd --out DIR``: the same as ``diffalign world build``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="diffalign world build")
+    add_build_arguments(parser)
+    run_build(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Alignment on the shapes world: the learned reward, the builtin:shapes pairs, the recipes' prompt sets."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffalign.config import load_config
+from diffalign.errors import UserError
+from diffalign.rewards import load_reward
+from diffalign.rewards.shapes_pref import SHIPPED_WEIGHTS
+from diffalign.rewards.shapes_world import ALIGN_EVAL_PROMPTS, ALIGN_TRAIN_PROMPTS, HELD_OUT_PROMPTS, draw
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def to_tensor(arrays):
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def test_alignment_prompt_split_is_the_held_out_set():
+    assert set(ALIGN_TRAIN_PROMPTS) | set(ALIGN_EVAL_PROMPTS) == set(HELD_OUT_PROMPTS)
+    assert not set(ALIGN_TRAIN_PROMPTS) & set(ALIGN_EVAL_PROMPTS)
+
+
+@pytest.mark.parametrize("path", ["quickstart.yaml", *sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/shapes-*.yaml"))])
+def test_shapes_recipes_train_and_measure_on_the_split(path):
+    cfg = load_config(str(CONFIGS / path))
+    assert cfg.model.startswith("shapes-")
+    settings = next((getattr(cfg, k) for k in ("grpo", "d3po", "draft", "adjoint_matching") if hasattr(cfg, k)), None)
+    if settings is not None:
+        assert list(settings.prompts) == list(ALIGN_TRAIN_PROMPTS)
+    if getattr(cfg, "eval", None) is not None and cfg.eval.reward is not None:
+        assert list(cfg.eval.prompts) == list(ALIGN_EVAL_PROMPTS)
+    if hasattr(cfg, "data") and hasattr(cfg.data, "random_flip"):
+        assert cfg.data.random_flip is False  # a flip turns "left of" into "right of"
+
+
+def test_shapes_pref_agrees_with_the_gold_reward_and_has_gradients():
+    manifest = json.loads(SHIPPED_WEIGHTS.with_name("manifest.json").read_text())
+    assert manifest["held_out_spearman_vs_shapes_geneval_partial"] >= 0.7
+    reward = load_reward("shapes_pref")
+    assert reward.differentiable
+    prompts = list(ALIGN_EVAL_PROMPTS)
+    own = to_tensor([draw(p, 0) for p in prompts])
+    others = prompts[1:] + prompts[:1]  # each image under another caption
+    assert reward(own, prompts).mean() > reward(own, others).mean() + 0.2
+    images = own.clone().requires_grad_(True)
+    reward(images, prompts).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_shapes_pref_missing_weights_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="reward 'shapes_pref': weights .* not found"):
+        load_reward({"shapes_pref": {"weights": str(tmp_path / "none.safetensors")}})
+
+
+def test_builtin_shapes_pairs_are_ranked_by_the_gold_reward(tmp_path):
+    from diffalign.data import open_preference_pairs
+    from diffalign.world_data import shapes_preference_rows, write_pairs_parquet
+
+    rows = shapes_preference_rows("shapes-sd", prompts=["a blue circle and a red square", "a yellow triangle"],
+                                  groups=2, group_size=4, num_steps=6)
+    assert rows and {r["label_0"] for r in rows} <= {0.0, 1.0}
+    path = write_pairs_parquet(rows, tmp_path / "pairs")
+    pairs = open_preference_pairs(str(path.parent))
+    assert len(pairs) == len(rows)
+    gold = load_reward("shapes_geneval:partial=true")
+    for i in range(len(pairs)):
+        pair = pairs[i]
+        chosen, rejected = (to_tensor([np.asarray(im.convert("RGB"))]) for im in (pair.chosen, pair.rejected))
+        assert gold(chosen, [pair.prompt]) > gold(rejected, [pair.prompt])
+    with pytest.raises(UserError, match="exists and is not empty"):
+        write_pairs_parquet(rows, tmp_path / "pairs")

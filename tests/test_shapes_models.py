@@ -1,0 +1,102 @@
+"""The shapes-world models: the build runs for every family (the same code as a full build), the
+shipped weights match their manifests, and stock diffusers loads them with no diffalign import."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffalign.pipelines.loading import SHAPES_MODELS, SHAPES_ROOT, load_policy, resolve_model_path
+from diffalign.world import MANIFEST, WorldBuildConfig, build, content_hash
+from diffalign.world_models import WORDS, build_untrained
+
+SHIPPED = [name for name in SHAPES_MODELS if (SHAPES_ROOT / name / "model_index.json").is_file()]
+
+
+def test_every_grammar_word_is_one_token():
+    pipe = build_untrained("flux", 0)
+    for word in WORDS:
+        assert pipe.tokenizer.tokenize(word) == [word + "</w>"]
+        assert pipe.tokenizer_2.tokenize(word) == ["\u2581" + word]
+    assert pipe.tokenizer("a red circle left of a square").input_ids[:8] == (
+        [pipe.tokenizer.bos_token_id] + [pipe.tokenizer.convert_tokens_to_ids(w + "</w>")
+                                         for w in "a red circle left of a square".split()])
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flux", "sd3"])
+def test_build_smoke_runs_the_full_build_code(family, tmp_path):
+    """Two steps of the real build (pretrain, fp16 save, manifest), then a stock reload and a sample."""
+    manifest = build(WorldBuildConfig(family=family, steps=2, batch_size=2, threads=1), tmp_path / "m",
+                     log=lambda line: None, measure_scores=False)
+    folder = tmp_path / "m"
+    assert manifest["content_sha256"] == content_hash(folder)
+    assert json.loads((folder / MANIFEST).read_text())["config"]["family"] == family
+    policy = load_policy(str(folder), resolution=64, **({"max_sequence_length": 16} if family in ("flux", "sd3") else {}))
+    assert policy.family == family
+    # Pretraining moved the weights away from the untrained seed-0 model.
+    untrained = build_untrained(family, 0)
+    name = "unet" if family in ("sd", "sdxl") else "transformer"
+    before = next(iter(getattr(untrained, name).parameters()))
+    after = next(iter(policy.denoiser.parameters()))
+    assert after.dtype == torch.float32 and not torch.allclose(before, after, atol=1e-3)
+    cond = policy.encode_prompts(["a red circle"], with_uncond=True)
+    images = policy.sample(cond, 2, guidance_scale=2.0, noise_level=0.0, generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 64, 64)
+
+
+def test_build_refuses_a_non_empty_folder(tmp_path):
+    from diffalign.errors import UserError
+
+    (tmp_path / "keep.txt").write_text("user's file")
+    with pytest.raises(UserError, match="exists and is not empty; choose a new folder"):
+        build(WorldBuildConfig(family="sd", steps=1), tmp_path, measure_scores=False)
+    assert (tmp_path / "keep.txt").read_text() == "user's file"
+
+
+def test_shapes_sd_is_shipped():
+    assert "shapes-sd" in SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_match_their_manifest(name):
+    folder = SHAPES_ROOT / name
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["name"] == name
+    assert manifest["content_sha256"] == content_hash(folder)
+    assert set(manifest["base_scores"]) == {"single_object", "train", "held_out_compositional"}
+
+
+def test_shipped_weights_fit_the_budget():
+    total = sum(p.stat().st_size for p in SHAPES_ROOT.rglob("*") if p.is_file())
+    assert total <= 40 * 1024 * 1024
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_stock_from_pretrained_loads_it_without_diffalign(name):
+    path = resolve_model_path(name)
+    extra = ", max_sequence_length=16" if name in ("shapes-flux", "shapes-sd3") else ""
+    code = (
+        "import sys, torch\n"
+        "from diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained({str(path)!r})\n"
+        "out = pipe('a red circle', num_inference_steps=2, height=64, width=64, output_type='np',\n"
+        f"           generator=torch.Generator().manual_seed(0){extra}).images\n"
+        "assert not [m for m in sys.modules if m.startswith('diffalign')]\n"
+        "print(type(pipe).__name__, out.shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1",
+                         "PATH": "/usr/bin:/bin"}, check=True).stdout.split()
+    expected = {"shapes-sd": "StableDiffusionPipeline", "shapes-sdxl": "StableDiffusionXLPipeline",
+                "shapes-flux": "FluxPipeline", "shapes-sd3": "StableDiffusion3Pipeline"}[name]
+    assert out[0] == expected and out[-1] == "3)"
+
+
+def test_export_shapes_writes_a_diffusers_folder(tmp_path):
+    from diffalign.cli import main
+
+    name = SHIPPED[-1]
+    assert main(["export-tiny", name, str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text())["_class_name"].endswith("Pipeline")
+    assert content_hash(tmp_path / "out") == json.loads((tmp_path / "out" / MANIFEST).read_text())["content_sha256"]
