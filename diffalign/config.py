@@ -183,7 +183,8 @@ class BaseRunConfig(BaseModel):
     method: str = Field(description="Training method; picks the config class and trainer.")
     model: str = Field(
         "tiny-sdxl",
-        description="Hub id, local diffusers directory, or an embedded tiny model: tiny-sd | tiny-sdxl | tiny-flux | tiny-sd3.",
+        description="Hub id, local diffusers directory, an embedded tiny model (tiny-sd | tiny-sdxl | tiny-flux | tiny-sd3) "
+        "or a pretrained shapes-world model (shapes-sd | shapes-flux | ...).",
     )
     output_dir: str | None = Field(None, description="Run directory; default runs/<method>.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Global seed (python, numpy, torch): 0 to 2**32-1.")

@@ -40,7 +40,8 @@ class WorldBuildConfig:
     at 1), linear warm-up then cosine decay to 10%. caption_dropout: share of "" captions.
     sample_steps, guidance_scale: how the base scores are measured (deterministic sampler).
     eval_seeds: images per prompt for the base scores. threads: torch CPU threads (part of what
-    makes a build reproducible).
+    makes a build reproducible). init: continue pretraining from this shapes folder (its manifest's
+    steps become ``start_step``, so the data stream goes on where it stopped).
     """
 
     family: str
@@ -54,6 +55,8 @@ class WorldBuildConfig:
     guidance_scale: float = 4.0
     eval_seeds: int = 4
     threads: int = 2
+    init: str | None = None
+    start_step: int = 0
 
 
 def policy_options(family: str) -> dict:
@@ -118,8 +121,9 @@ def pretrain(pipe, config: WorldBuildConfig, log: Callable[[str], None] = _print
     losses, start = [], time.time()
     for step in range(config.steps):
         # 1. a batch of world images and captions
-        captions = sample_captions(config.batch_size, seed=config.seed * 1_000_003 + step)
-        seeds = [config.seed * 1_000_003 + step * config.batch_size + i for i in range(config.batch_size)]
+        index = config.start_step + step
+        captions = sample_captions(config.batch_size, seed=config.seed * 1_000_003 + index)
+        seeds = [config.seed * 1_000_003 + index * config.batch_size + i for i in range(config.batch_size)]
         with torch.no_grad():
             latents = policy.encode_images(world_batch(captions, seeds), generator=generator)
         drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
@@ -228,7 +232,12 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.time()
     try:
-        pipe = build_untrained(config.family, config.seed)
+        if config.init is None:
+            pipe = build_untrained(config.family, config.seed)
+        else:
+            pipe = load_pipeline(config.init)
+            previous = json.loads((Path(config.init) / MANIFEST).read_text())
+            config.start_step = previous["config"].get("start_step", 0) + previous["config"]["steps"]
         losses = pretrain(pipe, config, log)
         save_shapes_pipeline(pipe, tmp)
         manifest = {
@@ -236,6 +245,7 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
             "command": command or f"diffalign world build --family {config.family} --seed {config.seed} "
                                   f"--steps {config.steps} --out {out}",
             "config": asdict(config),
+            "previous_stages": [] if config.init is None else previous.get("previous_stages", []) + [previous["command"]],
             "pipeline": type(pipe).__name__,
             "final_loss": round(float(np.mean(losses[-100:])), 5),
             "train_seconds": round(time.time() - start),
@@ -266,15 +276,18 @@ def add_build_arguments(parser) -> None:
         parser.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(WorldBuildConfig, field))
     parser.add_argument("--learning-rate", type=float, default=WorldBuildConfig.learning_rate)
     parser.add_argument("--guidance-scale", type=float, default=WorldBuildConfig.guidance_scale)
+    parser.add_argument("--init", help="continue pretraining from this shapes folder (a build in stages)")
 
 
 def run_build(args) -> int:
     """``diffalign world build``: pretrain one family from scratch, measure it, write DIR + manifest."""
     config = WorldBuildConfig(family=args.family, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                               threads=args.threads, eval_seeds=args.eval_seeds, learning_rate=args.learning_rate,
-                              guidance_scale=args.guidance_scale)
+                              guidance_scale=args.guidance_scale, init=args.init)
     command = (f"diffalign world build --family {args.family} --seed {args.seed} --steps {args.steps} "
-               f"--batch-size {args.batch_size} --threads {args.threads} --out DIR")
+               f"--batch-size {args.batch_size} --learning-rate {args.learning_rate:g} --threads {args.threads} "
+               f"--eval-seeds {args.eval_seeds} --out DIR"
+               + (f" --init {args.init}" if args.init else ""))
     build(config, args.out, command=command)
     return 0
 

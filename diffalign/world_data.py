@@ -41,30 +41,40 @@ def shapes_preference_rows(model: str = "shapes-sd", prompts: Sequence[str] | No
     import torch
 
     from diffalign.pipelines.loading import load_policy
-    from diffalign.rewards import load_reward
     from diffalign.rewards.shapes_world import ALIGN_TRAIN_PROMPTS
     from diffalign.world import sample_world
 
     prompts = list(prompts or ALIGN_TRAIN_PROMPTS)
     policy = load_policy(model)
-    gold = load_reward("shapes_geneval:partial=true")
     jobs = [(p, seed + (g * len(prompts) + i) * group_size) for g in range(groups) for i, p in enumerate(prompts)]
     all_prompts = [p for p, _ in jobs for _ in range(group_size)]
     all_seeds = [s + k for _, s in jobs for k in range(group_size)]
     images = sample_world(policy, all_prompts, all_seeds, num_steps, guidance_scale)
-    scores = gold(images, all_prompts).view(len(jobs), group_size)
+    rows = rank_groups(images, all_prompts, group_size)
+    if not rows:
+        raise UserError(f"{model}: every group of samples tied under shapes_geneval; no pairs to write")
+    return rows
+
+
+def rank_groups(images, prompts: Sequence[str], group_size: int) -> list[dict]:
+    """Pick-a-Pic rows from consecutive groups of ``group_size`` images of one prompt each
+    (images [N, 3, H, W] in [0, 1]): best vs worst by ``shapes_geneval`` partial credit; a group
+    whose best and worst score the same is a tie and gives no row. jpg_0 is the winner in even
+    rows and the loser in odd ones, so label_0 is not constant."""
+    from diffalign.rewards import load_reward
+
+    scores = load_reward("shapes_geneval:partial=true")(images, list(prompts)).view(-1, group_size)
     rows = []
-    for j, (prompt, _) in enumerate(jobs):
+    for j in range(scores.shape[0]):
         best, worst = int(scores[j].argmax()), int(scores[j].argmin())
         if scores[j, best] == scores[j, worst]:
-            continue  # a tie: no preference
+            continue
         a, b = images[j * group_size + best], images[j * group_size + worst]
-        if j % 2:  # alternate sides so label_0 is not constant
+        prompt = prompts[j * group_size]
+        if len(rows) % 2:
             rows.append({"caption": prompt, "jpg_0": _png(b), "jpg_1": _png(a), "label_0": 0.0})
         else:
             rows.append({"caption": prompt, "jpg_0": _png(a), "jpg_1": _png(b), "label_0": 1.0})
-    if not rows:
-        raise UserError(f"{model}: every group of samples tied under shapes_geneval; no pairs to write")
     return rows
 
 

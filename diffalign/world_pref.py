@@ -5,8 +5,8 @@
 Training examples are (image, caption, gold) triples, gold = ``shapes_geneval`` partial credit:
 world images with their own caption and with a random other caption, world images with one
 object recoloured or removed, and samples of the shipped base models (``--models``) for random
-captions. Held out: model samples from other seeds, on which the Spearman correlation with the
-gold score is measured and written to ``manifest.json`` next to the weights.
+captions. Held out: world examples and model samples from other seeds, on which the Spearman
+correlation with the gold score is measured and written to ``manifest.json`` next to the weights.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def world_examples(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, prompts
 
 
-def model_examples(model: str, n: int, seed: int, num_steps: int = 20) -> tuple[torch.Tensor, list[str]]:
+def model_examples(model: str, n: int, seed: int, num_steps: int = 10) -> tuple[torch.Tensor, list[str]]:
     """``n`` samples of shipped model ``model`` for random grammar captions (noise seeds from ``seed``)."""
     from diffalign.pipelines.loading import load_policy
     from diffalign.rewards.shapes_world import all_specs
@@ -93,8 +93,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
 
 
-def train_shapes_pref(out: Path, models: Sequence[str], steps: int = 3000, seed: int = 0, world: int = 6000,
-                      samples: int = 384, held_out: int = 256, log=print) -> dict:
+def train_shapes_pref(out: Path, models: Sequence[str], steps: int = 2000, seed: int = 0, world: int = 5000,
+                      samples: int = 256, held_out: int = 192, log=print) -> dict:
     """Train, measure on held-out model samples, save weights + config + manifest into ``out``'s folder."""
     from safetensors.torch import save_file
 
@@ -106,9 +106,9 @@ def train_shapes_pref(out: Path, models: Sequence[str], steps: int = 3000, seed:
     parts = [(images, prompts)]
     for k, model in enumerate(models):
         parts.append(model_examples(model, samples, seed=seed + 1 + k))
-    held = [model_examples(model, held_out // len(models), seed=seed + 100 + k) for k, model in enumerate(models)]
-    if not models:  # world images only (tests)
-        held = [world_examples(held_out, seed + 100)]
+    # Held out: new world examples (other seeds) and new model samples, half each.
+    held = [world_examples(held_out // 2, seed + 100)]
+    held += [model_examples(model, held_out // 2 // len(models), seed=seed + 100 + k) for k, model in enumerate(models)]
     train_images = torch.cat([p[0] for p in parts])
     train_prompts = [q for p in parts for q in p[1]]
     train_gold = _gold(train_images, train_prompts)
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffalign.world_pref")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--models", nargs="+", default=["shapes-sd"])
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

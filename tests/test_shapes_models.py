@@ -10,25 +10,24 @@ import torch
 
 from diffalign.pipelines.loading import SHAPES_MODELS, SHAPES_ROOT, load_policy, resolve_model_path
 from diffalign.world import MANIFEST, WorldBuildConfig, build, content_hash
-from diffalign.world_models import WORDS, build_untrained
+from diffalign.world_models import WORDS, build_untrained, clip_word_tokenizer, t5_word_tokenizer
 
 SHIPPED = [name for name in SHAPES_MODELS if (SHAPES_ROOT / name / "model_index.json").is_file()]
 
 
-def test_every_grammar_word_is_one_token():
-    pipe = build_untrained("flux", 0)
+def test_every_grammar_word_is_one_token(tmp_path):
+    clip, t5 = clip_word_tokenizer(tmp_path), t5_word_tokenizer()
     for word in WORDS:
-        assert pipe.tokenizer.tokenize(word) == [word + "</w>"]
-        assert pipe.tokenizer_2.tokenize(word) == ["\u2581" + word]
-    assert pipe.tokenizer("a red circle left of a square").input_ids[:8] == (
-        [pipe.tokenizer.bos_token_id] + [pipe.tokenizer.convert_tokens_to_ids(w + "</w>")
-                                         for w in "a red circle left of a square".split()])
+        assert clip.tokenize(word) == [word + "</w>"]
+        assert t5.tokenize(word) == ["\u2581" + word]
+    assert clip("a red circle left of a square").input_ids[:8] == (
+        [clip.bos_token_id] + [clip.convert_tokens_to_ids(w + "</w>") for w in "a red circle left of a square".split()])
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "flux", "sd3"])
 def test_build_smoke_runs_the_full_build_code(family, tmp_path):
     """Two steps of the real build (pretrain, fp16 save, manifest), then a stock reload and a sample."""
-    manifest = build(WorldBuildConfig(family=family, steps=2, batch_size=2, threads=1), tmp_path / "m",
+    manifest = build(WorldBuildConfig(family=family, steps=2, batch_size=2, threads=1, warmup_steps=1), tmp_path / "m",
                      log=lambda line: None, measure_scores=False)
     folder = tmp_path / "m"
     assert manifest["content_sha256"] == content_hash(folder)
@@ -40,7 +39,7 @@ def test_build_smoke_runs_the_full_build_code(family, tmp_path):
     name = "unet" if family in ("sd", "sdxl") else "transformer"
     before = next(iter(getattr(untrained, name).parameters()))
     after = next(iter(policy.denoiser.parameters()))
-    assert after.dtype == torch.float32 and not torch.allclose(before, after, atol=1e-3)
+    assert after.dtype == torch.float32 and not torch.allclose(before, after, atol=3e-4)
     cond = policy.encode_prompts(["a red circle"], with_uncond=True)
     images = policy.sample(cond, 2, guidance_scale=2.0, noise_level=0.0, generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 3, 64, 64)
@@ -80,7 +79,8 @@ def test_stock_from_pretrained_loads_it_without_diffalign(name):
     code = (
         "import sys, torch\n"
         "from diffusers import DiffusionPipeline\n"
-        f"pipe = DiffusionPipeline.from_pretrained({str(path)!r})\n"
+        # fp16 storage: ask for fp32 (the VAE is stored in fp32), as diffalign's loader does
+        f"pipe = DiffusionPipeline.from_pretrained({str(path)!r}, torch_dtype=torch.float32)\n"
         "out = pipe('a red circle', num_inference_steps=2, height=64, width=64, output_type='np',\n"
         f"           generator=torch.Generator().manual_seed(0){extra}).images\n"
         "assert not [m for m in sys.modules if m.startswith('diffalign')]\n"
