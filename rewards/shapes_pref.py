@@ -101,7 +101,7 @@ class ShapesPrefReward(Reward):
         return torch.sigmoid(self.net(images.float(), tokenize(prompts).to(images.device)))
 
 
-@register_reward("shapes_pref", differentiable=True)
+@register_reward("shapes_pref", differentiable=True, weights="bundled: rewards/shapes_pref/ (python -m diffalign.world_pref rebuilds)")
 def build_shapes_pref(weights: str | None = None, batch_size: int | None = None, device: str | None = None) -> Reward:
     """The shapes world's learned reward (shipped weights; ``weights`` = another .safetensors)."""
     return ShapesPrefReward(load_shapes_pref_net(weights), batch_size=batch_size, device=device)

@@ -97,7 +97,7 @@ def test_require_differentiable_message_and_specs():
         require_differentiable("jpeg_compressibility", "draft.reward")
     assert str(error.value) == (
         "reward 'jpeg_compressibility' is not differentiable; draft.reward needs a differentiable reward "
-        "(e.g. aesthetic, brightness, clip, hpsv2, imagereward, pickscore, saturation, target_color)"
+        "(e.g. aesthetic, brightness, clip, hpsv2, imagereward, pickscore, saturation, shapes_pref, target_color)"
     )
     require_differentiable("brightness", "draft.reward")
     require_differentiable({"composite": {"brightness": 1.0, "saturation": 0.5}}, "draft.reward")
