@@ -112,7 +112,8 @@ def decode_request(body: bytes, content_type: str, pairwise: bool) -> tuple[torc
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [0, 1] -> [B, H, W, 3] uint8, rounded as a PNG writer would."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    # contiguous: numpy writes a strided array element by element, ~5x slower
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def _from_uint8(array: np.ndarray) -> torch.Tensor:
@@ -184,6 +185,10 @@ class RemoteReward(Reward):
         self.backoff = float(backoff)
         self.request_size = request_size
         self.concurrency = max(1, int(concurrency))
+        import httpx
+
+        # one pool of kept-alive connections (thread-safe), not a new connection per call
+        self.client = httpx.Client(limits=httpx.Limits(max_connections=self.concurrency))
 
     def extra_repr(self) -> str:
         return f"url={self.url!r}, serves={self.served!r}, encoding={self.encoding!r}"
@@ -227,7 +232,8 @@ class RemoteReward(Reward):
 
     def _post(self, path: str, body: bytes, content_type: str) -> dict[str, Any]:
         return request_with_retries("POST", self.url + path, retries=self.retries, backoff=self.backoff,
-                                    timeout=self.timeout, content=body, headers={"content-type": content_type})
+                                    timeout=self.timeout, client=self.client, content=body,
+                                    headers={"content-type": content_type})
 
 
 def request_with_retries(method: str, url: str, *, retries: int, backoff: float, timeout: float,
