@@ -101,7 +101,7 @@ def shapes_world() -> World:
     step = max(1, len(heldout) // 8)
     return World(
         name="shapes", models={f: f"shapes-{f}" for f in ("sd", "sdxl", "flux", "sd3")},
-        verifiable="shapes_geneval", learned="shapes_pref",
+        verifiable="shapes_geneval:partial=true", learned="shapes_pref",
         train_prompts=train, heldout_prompts=heldout[::step][:8],
         dpo_source="builtin:shapes", num_steps=10, eval_guidance=4.0, recipes=True, budget=1500, quick_budget=1000,
     )  # fmt: skip

@@ -199,3 +199,38 @@ def test_warn_trains_to_the_end_and_keep_best_chooses_the_final_lora(tmp_path):
         load_lora(policy.denoiser, folder)
         finals.append(lora_state_dict(policy.denoiser))
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # the same run's last weights
+
+
+# --- the hacking run on the shapes world ---------------------------------------------------------
+
+
+def test_guard_stops_learned_reward_hacking_on_the_shapes_world(tmp_path):
+    """DRaFT climbs the learned shapes_pref with a deliberately high learning rate (3e-2; the recipe
+    uses 1e-3) on shapes-sd: the learned reward rises while the gold shapes_geneval (partial
+    credit) on held-out prompts falls; the guard stops the run before its 12 steps, and final/
+    holds a LoRA whose gold reward is at least the best seen during training."""
+    from diffalign.rewards.shapes_world import ALIGN_EVAL_PROMPTS, ALIGN_TRAIN_PROMPTS
+
+    gold = "shapes_geneval:partial=true"
+    cfg, train = _train({
+        "method": "draft", "model": "shapes-sd", "output_dir": str(tmp_path / "run"), "seed": 0,
+        "draft": {"reward": "shapes_pref", "prompts": list(ALIGN_TRAIN_PROMPTS), "num_steps": 6,
+                  "guidance_scale": 4.0, "k": 1, "checkpoint_steps": False},
+        "train": {"max_steps": 12, "learning_rate": 3e-2, "batch_size": 4, "lr_scheduler": "constant",
+                  "checkpoint_every": 0},
+        "lora": {"rank": 8, "alpha": 16},
+        "eval": {"reward": gold, "prompts": list(ALIGN_EVAL_PROMPTS)[:6], "num_images_per_prompt": 2,
+                 "num_steps": 6, "guidance_scale": 4.0},
+        "guard": {"every": 2, "action": "stop"},
+    })  # fmt: skip
+    with pytest.raises(GuardStopped) as info:
+        train()
+    run_dir = tmp_path / "run"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    checks = [r for r in records if "guard/verdict" in r]
+    learned = [r["reward"] for r in records if "reward" in r]
+    assert info.value.step < cfg.train.max_steps and checks[-1]["guard/verdict"] == "hacking"
+    assert sum(learned[-2:]) / 2 > sum(learned[:2]) / 2  # the learned reward went up
+    heldout = [r["guard/heldout_reward"] for r in checks]
+    assert heldout[-1] < max(heldout) - cfg.guard.tolerance  # the gold reward went down
+    assert _heldout_of(run_dir / "final", cfg) >= max(heldout) - 1e-6
