@@ -2,7 +2,7 @@
 
     python bench/methods.py                      # the full table on the shapes world
     python bench/methods.py --quick              # a subset (one family, 1 seed, smaller budget)
-    python bench/methods.py --world tiny --quick # the same code path on the random tiny models (CI)
+    python bench/methods.py --size tiny --quick  # the same code path on the random tiny models (CI)
 
 For each family the base model is evaluated once; then each method trains a LoRA from it with
 the same compute budget, counted in **denoiser forward-pass equivalents**: one image through the
@@ -409,7 +409,11 @@ def plot_curves(results: list[MethodResult], path: Path, world: World) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world", choices=["shapes", "tiny"], default="shapes")
+    parser.add_argument("--size", choices=["tiny", "small", "full"], default="small",
+                        help="small: the shapes world's pretrained models (default); tiny: the random tiny models "
+                        "with rule rewards (the CI path); full: not available (the world has one size)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the runs train (cpu: accelerate is told to stay on the CPU)")
     parser.add_argument("--quick", action="store_true", help="one family (sd), one seed, the quick budget")
     parser.add_argument("--families", help="comma-separated (default: all the world has; --quick: sd)")
     parser.add_argument("--methods", help="comma-separated (default: every method that applies)")
@@ -419,8 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench-methods")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
+    if args.size == "full":
+        raise SystemExit("--size full: the shapes world ships one size of models (small); use --size small")
+    if args.device == "cpu" and torch.cuda.is_available():  # keep accelerate off the GPU it would pick
+        os.environ["ACCELERATE_USE_CPU"] = "1"
 
-    world = tiny_world() if args.world == "tiny" else shapes_world()
+    world = tiny_world() if args.size == "tiny" else shapes_world()
     families = args.families.split(",") if args.families else (["sd"] if args.quick else list(world.models))
     methods = args.methods.split(",") if args.methods else list(METHOD_FAMILIES)
     if args.quick and not args.methods:

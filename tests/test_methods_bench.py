@@ -24,7 +24,7 @@ def _bench():
 def test_quick_methods_table_on_tiny_models(tmp_path, capsys):
     bench = _bench()
     out = tmp_path / "bench"
-    assert bench.main(["--world", "tiny", "--quick", "--methods", "grpo,draft", "--budget", "50", "--seeds", "2",
+    assert bench.main(["--size", "tiny", "--device", "cpu", "--quick", "--methods", "grpo,draft", "--budget", "50", "--seeds", "2",
                        "--out", str(out)]) == 0
     lines = (out / "methods.md").read_text().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| family"))
