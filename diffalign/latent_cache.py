@@ -20,8 +20,8 @@ file; for datasets, their content fingerprint and the rows used). ``disk`` write
 shards under ``data.cache_dir`` (default ``$DIFFALIGN_CACHE/latents``; written to a temporary
 folder and renamed, so an interrupted build leaves nothing half-written) and reuses them on the
 next run or resume with the same key; it is built once by the main process while the other
-processes wait, then read (memory-mapped) by all. ``memory`` keeps the tensors in RAM, built by
-every process: for several GPUs, prefer ``disk``.
+processes wait, then read (memory-mapped) by all. ``memory`` keeps the tensors in RAM on every
+process: the main process encodes them and sends them to the others.
 
 Size: per pair 2 (chosen, rejected) x 2 (flips) posteriors of 2C x h x w in the VAE dtype, e.g.
 SDXL at 1024 px in bf16: 4 x 8 x 128 x 128 x 2 bytes = 1 MiB; per prompt its embeddings.
@@ -310,9 +310,16 @@ def load_pair_cache(run, policy, cfg, pairs: Any, resolution: int, encode=encode
     data = cfg.data
     autocast = run.accelerator.autocast
     if data.cache == "memory":
-        tensors, meta = encode(policy, pairs, resolution, data.random_flip, autocast, run.is_main)
+        if run.num_processes == 1:
+            tensors, meta = encode(policy, pairs, resolution, data.random_flip, autocast, run.is_main)
+        else:  # encoded once, on the main process, then sent to every other process
+            from accelerate.utils import broadcast_object_list
+
+            payload = [encode(policy, pairs, resolution, data.random_flip, autocast) if run.is_main else None]
+            tensors, meta = broadcast_object_list(payload, from_process=0)[0]
         cache = PairCache(tensors.__getitem__, meta, "in memory")
-        run.print(f"data.cache=memory: {len(pairs)} {what} and {len(meta['prompts'])} prompts encoded")
+        run.print(f"data.cache=memory: {len(pairs)} {what} and {len(meta['prompts'])} prompts encoded"
+                  + (f" on the main process, sent to {run.num_processes} processes" if run.num_processes > 1 else ""))
         return cache
     root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     folder = root / cache_key(policy, cfg.model, pairs, resolution, data.random_flip, policy.vae.dtype)

@@ -4,6 +4,7 @@ the disk cache is keyed and reused, and the settings that cannot be cached are c
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import torch
 
 from diffalign.config import load_config
 from diffalign.errors import UserError
+
+# This file is also a two-process worker: `accelerate launch ... tests/test_latent_cache.py OUT`.
 
 
 def _dpo(tmp_path, model, name, **overrides):
@@ -150,3 +153,48 @@ def test_self_npo_on_cached_images_gives_the_losses_of_images(tmp_path, model, f
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=2e-4, atol=1e-6)
     with pytest.raises(UserError, match="with data.prompts .data-free. there is nothing to cache"):
         load_config({"method": "self_npo", "model": model, "data": {"prompts": ["a"], "cache": "memory"}})
+
+
+def test_two_processes_share_one_memory_cache_encoded_on_the_main_process(tmp_path):
+    """data.cache=memory under two (gloo) processes: the main process encodes, the other receives
+    the same tensors; training then runs and the ranks' LoRAs stay identical."""
+    from conftest import run_two_processes
+
+    result = run_two_processes(__file__, str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"data.cache=memory: 8 pairs and \d+ prompts encoded on the main process, sent to 2 processes",
+                     result.stdout + result.stderr)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["encoded_here"] and not ranks[1]["encoded_here"]  # only rank 0 ran the VAE encoder
+    assert ranks[0]["cache"] == ranks[1]["cache"] and ranks[0]["lora"] == ranks[1]["lora"]
+
+
+def _two_process_worker(out: Path) -> None:
+    from diffalign import latent_cache
+    from diffalign.trainers.diffusion_dpo import DiffusionDPOTrainer
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return latent_cache.encode_pairs(*args, **kwargs)
+
+    load = latent_cache.load_pair_cache  # the trainer imports it when it starts: count this rank's encodes
+    latent_cache.load_pair_cache = lambda *a, **k: load(*a, **{**k, "encode": counting})
+    cfg = _dpo(out, "tiny-sd", "run", **{"data.cache": "memory", "train.max_steps": 2})
+    trainer = DiffusionDPOTrainer(cfg, overwrite=True)
+    trainer.train()
+    import torch.distributed as dist
+
+    cache = trainer.cache
+    digest = [round(float(cache.get(f"{i}.plain.chosen").double().sum()), 6) for i in range(len(cache))]
+    lora = {n: round(float(p.detach().double().sum()), 8) for n, p in trainer.policy.denoiser.named_parameters()
+            if p.requires_grad}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    (out / f"rank{rank}.json").write_text(json.dumps({"encoded_here": bool(calls), "cache": digest, "lora": lora}))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _two_process_worker(Path(sys.argv[1]))
