@@ -349,6 +349,9 @@ def test_ctrl_c_while_torch_is_still_importing_is_one_line(trained, tmp_path):
     recipe = _save(_recipe(trained["manifest"], tmp_path / "run"), tmp_path / "recipe.yaml")
     code = (
         "import os, runpy, signal, sys\n"
+        # as in a terminal: an earlier test of this pytest process may have left SIGINT ignored,
+        # and an ignored signal stays ignored in the processes it starts
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "class InterruptTorchImport:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'torch':\n"
