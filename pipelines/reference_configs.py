@@ -128,12 +128,7 @@ def build_random_sdxl(device: str = "cpu", dtype=None):
                                          steps_offset=1, timestep_spacing="leading"),
         add_watermarker=False,
     )
-    if dtype is not None:
-        pipe.to(dtype=dtype)
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval().requires_grad_(False)
-    return pipe
+    return _finish(pipe, dtype)
 
 
 # black-forest-labs/FLUX.1-dev vae/config.json and stabilityai/stable-diffusion-3.5-medium
