@@ -366,20 +366,29 @@ class Run:
         folder = self.out_dir / "samples"
         folder.mkdir(exist_ok=True)
         path = folder / f"step-{step:06d}.png"
-        pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        try:
-            Image.fromarray(pixels).save(path)
-            path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
-        except OSError as err:
-            if is_disk_full(err):
-                raise UserError(f"disk full while writing {path}; {self._intact()}") from None
-            raise
+        pixels = self.write_image(path, grid, "\n".join(prompts) + "\n")
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({"samples": grid[None].numpy()}, step=step)
             elif tracker.name == "wandb":
                 tracker.log_images({"samples": [Image.fromarray(pixels)]}, step=step)
         return path
+
+    def write_image(self, path: Path, grid: torch.Tensor, caption: str | None = None):
+        """Save ``grid: [3, H, W] in [0, 1]`` as the PNG ``path`` (and ``caption`` next to it as
+        .txt); a full disk is a one-line error naming the intact checkpoint. Returns the pixels."""
+        from PIL import Image
+
+        pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        try:
+            Image.fromarray(pixels).save(path)
+            if caption is not None:
+                path.with_suffix(".txt").write_text(caption)
+        except OSError as err:
+            if is_disk_full(err):
+                raise UserError(f"disk full while writing {path}; {self._intact()}") from None
+            raise
+        return pixels
 
     # --- checkpoints ---------------------------------------------------------------------
 

@@ -228,6 +228,33 @@ class EvalSettings(BaseModel):
     num_images_per_prompt: int = Field(2, ge=1, description="Samples per prompt (seeds seed, seed+1, ...).")
     num_steps: int = Field(20, ge=1, description="Sampler steps.")
     guidance_scale: float | None = Field(None, description="CFG scale; null = the family default.")
+    grid: bool = Field(
+        False, description="At the end, write before_after.png in the run folder: the evaluation prompts (one column "
+        "each) sampled by the base model and by the trained one with the same seeds, a base row above a trained row "
+        "per seed.",
+    )
+
+
+@torch.no_grad()
+def write_before_after(run: Run, policy: DiffusionPolicy, settings: EvalSettings) -> Path | None:
+    """``before_after.png`` (see ``EvalSettings.grid``): the adapter switched off gives the base
+    model, so base and trained samples share prompts, seeds and sampler. Every process samples (the
+    same work on each); the main process writes. Returns its path there."""
+    from torchvision.utils import make_grid
+
+    rows = []
+    for k in range(settings.num_images_per_prompt):
+        with lora.adapter_disabled(policy.denoiser):
+            rows.append(sample_images(policy, settings.prompts, settings.seed + k, settings.num_steps, settings.guidance_scale))
+        rows.append(sample_images(policy, settings.prompts, settings.seed + k, settings.num_steps, settings.guidance_scale))
+    if not run.is_main:
+        return None
+    images = torch.cat(rows).float().cpu()
+    grid = make_grid(images, nrow=len(settings.prompts), padding=2, pad_value=1.0)
+    path = run.out_dir / "before_after.png"
+    caption = "rows: base, trained (seed {s}); columns: " + " | ".join(settings.prompts)
+    run.write_image(path, grid, "\n".join(caption.format(s=settings.seed + k) for k in range(settings.num_images_per_prompt)) + "\n")
+    return path
 
 
 @torch.no_grad()
@@ -304,6 +331,11 @@ def finish_run(
     for key, value in after.items():
         run.print(f"{key}: " + (f"before {before[key]:.4f} -> " if key in before else "") + f"after {value:.4f}")
     finish_guard(run, cfg.train.max_steps)
+    settings = getattr(cfg, "eval", None)
+    if settings is not None and settings.grid:
+        grid = write_before_after(run, policy, settings)
+        if grid is not None:
+            run.print(f"before/after samples: {grid}")
     final = save_final_lora(run, policy, cfg, extra_metadata)
     run.print(f"final LoRA: {final}")
     run.finish()
