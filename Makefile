@@ -7,6 +7,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# One pytest worker per CPU (pytest-xdist); TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= auto
 PY := $(VENV)/bin/python
 
 .PHONY: install quickstart test bench
@@ -23,7 +25,7 @@ quickstart: $(VENV)/.installed
 	$(VENV)/bin/diffalign train configs/quickstart.yaml --overwrite
 
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(VENV)/.installed
 	$(PY) bench/dpo_step.py
