@@ -54,6 +54,11 @@ def quiet_libraries() -> None:
             logging = __import__(f"{name}.utils.logging", fromlist=["logging"])
             logging.disable_progress_bar()
             logging.set_verbosity_error()
+    if "datasets" in sys.modules:  # "Generating train split" when a parquet set is read the first time
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
 
 
 def warn_once(message: str) -> None:

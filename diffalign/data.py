@@ -166,6 +166,9 @@ class PickAPicPairs:
     def _open(source: str, split: str):
         import datasets
 
+        from diffalign.console import quiet_libraries
+
+        quiet_libraries()
         path = Path(source)
         try:
             if path.is_dir():
