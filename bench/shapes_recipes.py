@@ -4,7 +4,7 @@
     python bench/shapes_recipes.py configs/grpo/shapes-sd.yaml train.max_steps=20
 
 For each recipe: train it (output in runs/bench-shapes/<method>-<file>), then sample the held-out
-alignment-evaluation prompts (ALIGN_EVAL_PROMPTS, 2 seeds each, 20 deterministic steps, CFG 4)
+alignment-evaluation prompts (ALIGN_EVAL_PROMPTS, 2 seeds each, 20 deterministic steps, CFG 1.5)
 from the base model and from base + the trained LoRA with the same seeds, and print strict and
 partial shapes_geneval and shapes_pref for both. A negative (NPO) LoRA is measured the way it is
 used: in the unconditional branch of CFG (``diffalign.pipelines.npo.enable_npo``).
@@ -26,6 +26,7 @@ def measure(model: str, lora: str | None, negative: bool, seeds=(0, 1)) -> dict[
     from diffalign.pipelines.loading import load_policy
     from diffalign.rewards import load_reward
     from diffalign.rewards.shapes_world import ALIGN_EVAL_PROMPTS
+    from diffalign.pipelines.loading import SHAPES_GUIDANCE
     from diffalign.world import sample_world
 
     prompts = [p for p in ALIGN_EVAL_PROMPTS for _ in seeds]
@@ -38,7 +39,7 @@ def measure(model: str, lora: str | None, negative: bool, seeds=(0, 1)) -> dict[
             apply_npo_to_pipeline(policy.pipe, lora)
         else:
             policy.pipe.load_lora_weights(lora)
-    images = sample_world(policy, prompts, noise_seeds, 20, 4.0)
+    images = sample_world(policy, prompts, noise_seeds, 20, SHAPES_GUIDANCE)
     out = {}
     for name in ("shapes_geneval", "shapes_geneval:partial=true", "shapes_pref"):
         out[name.replace(":partial=true", "_partial")] = round(float(load_reward(name)(images, prompts).mean()), 4)

@@ -52,7 +52,7 @@ class WorldBuildConfig:
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     sample_steps: int = 20
-    guidance_scale: float = 4.0
+    guidance_scale: float = 1.5  # SHAPES_GUIDANCE
     eval_seeds: int = 4
     threads: int = 2
     init: str | None = None
@@ -150,7 +150,7 @@ def pretrain(pipe, config: WorldBuildConfig, log: Callable[[str], None] = _print
 
 
 def sample_world(policy, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = 20,
-                 guidance_scale: float = 4.0, batch_size: int = 32) -> "torch.Tensor":
+                 guidance_scale: float = 1.5, batch_size: int = 32) -> "torch.Tensor":
     """Deterministic samples (DDIM eta 0 / flow ODE): [N, 3, 64, 64] in [0, 1]; image i starts from
     the noise of ``seeds[i]``, so base and trained models can be compared image by image."""
     import torch
@@ -286,7 +286,7 @@ def run_build(args) -> int:
                               guidance_scale=args.guidance_scale, init=args.init)
     command = (f"diffalign world build --family {args.family} --seed {args.seed} --steps {args.steps} "
                f"--batch-size {args.batch_size} --learning-rate {args.learning_rate:g} --threads {args.threads} "
-               f"--eval-seeds {args.eval_seeds} --out DIR"
+               f"--eval-seeds {args.eval_seeds} --guidance-scale {args.guidance_scale:g} --out DIR"
                + (f" --init {args.init}" if args.init else ""))
     build(config, args.out, command=command)
     return 0

@@ -14,6 +14,7 @@ grid (top row base, bottom row trained).
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -35,7 +36,7 @@ def _png(image) -> bytes:
 
 def shapes_preference_rows(model: str = "shapes-sd", prompts: Sequence[str] | None = None, groups: int = 4,
                            group_size: int = 4, seed: int = 0, num_steps: int = 20,
-                           guidance_scale: float = 4.0) -> list[dict]:
+                           guidance_scale: float = 1.5) -> list[dict]:
     """Pick-a-Pic rows {caption, jpg_0, jpg_1 (PNG bytes), label_0 (1: jpg_0 wins)} sampled from
     ``model`` on ``prompts`` (default: the alignment-training prompts), ties dropped."""
     import torch
@@ -99,7 +100,7 @@ def write_pairs_parquet(rows: list[dict], out_dir: str | os.PathLike) -> Path:
 
 def builtin_shapes_pairs(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The folder of ``builtin:NAME`` (``shapes`` = from shapes-sd, ``shapes-FAMILY``), built once."""
-    from diffalign.pipelines.loading import SHAPES_MODELS
+    from diffalign.pipelines.loading import SHAPES_MODELS, shapes_model_dir
     from diffalign.pipelines.tiny import cache_root
 
     model = "shapes-sd" if name == "shapes" else name
@@ -107,7 +108,9 @@ def builtin_shapes_pairs(name: str, cache_dir: str | os.PathLike | None = None) 
         raise UserError(f"data.source: unknown built-in set 'builtin:{name}'; available: builtin:brightness, "
                         f"builtin:shapes, {', '.join('builtin:' + m for m in SHAPES_MODELS[1:])}")
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    folder = root / f"builtin-{model}-pairs-v{PAIRS_VERSION}"
+    # keyed by the shipped weights' hash too: pairs sampled from an older build are never reused
+    weights = json.loads((shapes_model_dir(model) / "manifest.json").read_text())["content_sha256"][:12]
+    folder = root / f"builtin-{model}-pairs-v{PAIRS_VERSION}-{weights}"
     if (folder / "train.parquet").exists():
         return folder
     tmp = root / f".builtin-{model}-{os.getpid()}.tmp"
@@ -124,7 +127,7 @@ def builtin_shapes_pairs(name: str, cache_dir: str | os.PathLike | None = None) 
 
 def compare_before_after(model: str, lora: str | None, out_png: str | os.PathLike,
                          prompts: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1), num_steps: int = 20,
-                         guidance_scale: float = 4.0) -> tuple[float, float]:
+                         guidance_scale: float = 1.5) -> tuple[float, float]:
     """Mean strict ``shapes_geneval`` of base and base + ``lora`` samples (same prompts and seeds),
     and a grid PNG: one column per (prompt, seed), top row base, bottom row trained."""
     import torch
@@ -168,7 +171,7 @@ def add_world_commands(world_commands) -> None:
     compare.add_argument("--lora", help="a run's final/ folder (omit: base only, twice)")
     compare.add_argument("--out", required=True, help="PNG path of the before/after grid")
     compare.add_argument("--steps", type=int, default=20)
-    compare.add_argument("--guidance-scale", type=float, default=4.0)
+    compare.add_argument("--guidance-scale", type=float, default=1.5)
     compare.set_defaults(func=_cmd_compare)
 
 

@@ -138,16 +138,18 @@ def _guard_records(run_dir) -> list[dict]:
     return [r for r in records if "guard/verdict" in r]
 
 
-def _heldout_of(lora_dir, cfg) -> float:
-    """eval.reward of the eval samples with the LoRA in ``lora_dir`` on a fresh tiny-sd."""
+def _heldout_of(lora_dir, cfg, reward=None) -> float:
+    """``reward`` (default eval.reward) of the eval samples of a fresh ``cfg.model`` with the LoRA
+    in ``lora_dir`` (None: the base model)."""
     from diffalign.lora import load_lora
     from diffalign.pipelines.loading import load_policy
     from diffalign.rewards import load_reward
     from diffalign.training import evaluate_reward
 
     policy = load_policy(cfg.model)
-    load_lora(policy.denoiser, lora_dir)
-    return evaluate_reward(policy, load_reward(cfg.eval.reward), cfg.eval)
+    if lora_dir is not None:
+        load_lora(policy.denoiser, lora_dir)
+    return evaluate_reward(policy, load_reward(reward or cfg.eval.reward), cfg.eval)
 
 
 @pytest.mark.parametrize("action", ["stop", "rollback"])
@@ -204,19 +206,24 @@ def test_warn_trains_to_the_end_and_keep_best_chooses_the_final_lora(tmp_path):
 # --- the hacking run on the shapes world ---------------------------------------------------------
 
 
-def test_guard_stops_learned_reward_hacking_on_the_shapes_world(tmp_path):
-    """DRaFT climbs the learned shapes_pref with a deliberately high learning rate (3e-2; the recipe
-    uses 1e-3) on shapes-sd: the learned reward rises while the gold shapes_geneval (partial
-    credit) on held-out prompts falls; the guard stops the run before its 12 steps, and final/
-    holds a LoRA whose gold reward is at least the best seen during training."""
+def test_guard_stops_proxy_reward_hacking_on_the_shapes_world(tmp_path):
+    """DRaFT climbs a proxy reward, brightness, with a deliberately high learning rate (1e-2) on
+    shapes-sd: on the held-out prompts' samples brightness rises (the boards wash out) while the
+    gold shapes_geneval (partial credit) falls; the guard stops the run before its 12 steps, and
+    final/ holds a LoRA whose gold reward is at least the best seen during training.
+
+    The proxy is a rule, not the learned shapes_pref: that scorer was trained on the first,
+    noisy shapes-sd's samples and already gives the current shapes-sd's samples about 0.96, so
+    DRaFT on it lowers it too; it has to be retrained on the current samples (diffalign.world_pref)
+    before it can show learned-reward hacking here again."""
     from diffalign.rewards.shapes_world import ALIGN_EVAL_PROMPTS, ALIGN_TRAIN_PROMPTS
 
     gold = "shapes_geneval:partial=true"
     cfg, train = _train({
         "method": "draft", "model": "shapes-sd", "output_dir": str(tmp_path / "run"), "seed": 0,
-        "draft": {"reward": "shapes_pref", "prompts": list(ALIGN_TRAIN_PROMPTS), "num_steps": 6,
+        "draft": {"reward": "brightness", "prompts": list(ALIGN_TRAIN_PROMPTS), "num_steps": 6,
                   "guidance_scale": 4.0, "k": 1, "checkpoint_steps": False},
-        "train": {"max_steps": 12, "learning_rate": 3e-2, "batch_size": 4, "lr_scheduler": "constant",
+        "train": {"max_steps": 12, "learning_rate": 1e-2, "batch_size": 4, "lr_scheduler": "constant",
                   "checkpoint_every": 0},
         "lora": {"rank": 8, "alpha": 16},
         "eval": {"reward": gold, "prompts": list(ALIGN_EVAL_PROMPTS)[:6], "num_images_per_prompt": 2,
@@ -228,9 +235,9 @@ def test_guard_stops_learned_reward_hacking_on_the_shapes_world(tmp_path):
     run_dir = tmp_path / "run"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     checks = [r for r in records if "guard/verdict" in r]
-    learned = [r["reward"] for r in records if "reward" in r]
     assert info.value.step < cfg.train.max_steps and checks[-1]["guard/verdict"] == "hacking"
-    assert sum(learned[-2:]) / 2 > sum(learned[:2]) / 2  # the learned reward went up
+    # the proxy reward of the held-out samples went up
+    assert _heldout_of(run_dir / "last", cfg, "brightness") > _heldout_of(None, cfg, "brightness") + 0.01
     heldout = [r["guard/heldout_reward"] for r in checks]
     assert heldout[-1] < max(heldout) - cfg.guard.tolerance  # the gold reward went down
     assert _heldout_of(run_dir / "final", cfg) >= max(heldout) - 1e-6

@@ -107,3 +107,20 @@ def test_shapes_pref_can_be_over_optimised():
     images = torch.sigmoid(logits).detach()
     assert pref(images, prompts).mean() > 0.99
     assert gold(images, prompts).mean() < 0.75  # measured 0.5
+
+
+def test_builtin_shapes_pairs_are_cached_per_build_of_the_model(tmp_path):
+    """The cached pairs are keyed by the shipped weights' content hash: a folder sampled from an
+    earlier build of shapes-sd (the old key had no hash) is not what builtin:shapes reads."""
+    import json
+
+    from diffalign.pipelines.loading import shapes_model_dir
+    from diffalign.world_data import PAIRS_VERSION, builtin_shapes_pairs
+
+    weights = json.loads((shapes_model_dir("shapes-sd") / "manifest.json").read_text())["content_sha256"][:12]
+    stale = tmp_path / f"builtin-shapes-sd-pairs-v{PAIRS_VERSION}"
+    current = tmp_path / f"builtin-shapes-sd-pairs-v{PAIRS_VERSION}-{weights}"
+    for folder in (stale, current):
+        folder.mkdir()
+        (folder / "train.parquet").write_bytes(b"placeholder")  # present: read without sampling
+    assert builtin_shapes_pairs("shapes", cache_dir=tmp_path) == current
