@@ -197,16 +197,11 @@ def _family_of_model(model: str) -> str | None:
 
 
 def _cmd_export_tiny(args: argparse.Namespace) -> int:
-    from diffalign.pipelines.tiny import export_tiny
+    from diffalign.pipelines.loading import export_embedded
 
-    if args.family.startswith("shapes-"):
-        from diffalign.pipelines.loading import export_shapes
-
-        print(f"wrote {args.family} to {export_shapes(args.family, args.out_dir)}")
-        return 0
-    name = args.family if args.family.startswith("tiny-") else f"tiny-{args.family}"
+    name = args.family if args.family.startswith(("tiny-", "shapes-")) else f"tiny-{args.family}"
     try:
-        out = export_tiny(name, args.out_dir)
+        out = export_embedded(name, args.out_dir)
     except FileExistsError as err:
         raise UserError(str(err)) from err
     print(f"wrote {name} to {out}")

@@ -17,7 +17,7 @@ import torch
 from diffalign.errors import UserError
 
 from .base import DiffusionPolicy
-from .tiny import TINY_MODELS, TINY_RESOLUTION, tiny_model_dir
+from .tiny import TINY_MODELS, TINY_RESOLUTION, copy_model_folder, tiny_model_dir
 
 # The shapes world's pretrained models (``diffalign world build`` rebuilds them): 64 px images,
 # 16 x 16 latents, and (FLUX, SD3) a 16-token T5 sequence.
@@ -50,15 +50,10 @@ def shapes_model_dir(name: str) -> Path:
     return folder
 
 
-def export_shapes(name: str, out_dir: str | os.PathLike) -> Path:
-    """Copy shipped shapes model ``name`` to ``out_dir`` (new or empty) as a diffusers folder."""
-    import shutil
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose an empty or new folder")
-    shutil.copytree(shapes_model_dir(name), out, dirs_exist_ok=True)
-    return out
+def export_embedded(name: str, out_dir: str | os.PathLike) -> Path:
+    """Write embedded model ``name`` (tiny-* or shapes-*) to ``out_dir`` (new or empty) as a
+    diffusers folder; FileExistsError for a non-empty one."""
+    return copy_model_folder(Path(resolve_model_path(name)), out_dir)
 
 
 def resolve_model_path(model: str) -> str:

@@ -65,13 +65,19 @@ def tiny_model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
     return target
 
 
-def export_tiny(name: str, out_dir: str | os.PathLike) -> Path:
-    """Write tiny model ``name`` as a standard diffusers directory at ``out_dir``."""
+def copy_model_folder(source: Path, out_dir: str | os.PathLike) -> Path:
+    """Copy the diffusers folder ``source`` to ``out_dir``, which must be new or empty
+    (FileExistsError otherwise: nothing of the user's is overwritten)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose an empty or new folder")
-    shutil.copytree(tiny_model_dir(name), out, dirs_exist_ok=True)
+    shutil.copytree(source, out, dirs_exist_ok=True)
     return out
+
+
+def export_tiny(name: str, out_dir: str | os.PathLike) -> Path:
+    """Write tiny model ``name`` as a standard diffusers directory at ``out_dir``."""
+    return copy_model_folder(tiny_model_dir(name), out_dir)
 
 
 def build_tiny_pipeline(name: str, seed: int = TINY_SEED):
