@@ -26,8 +26,7 @@ def measure(model: str, lora: str | None, negative: bool, seeds=(0, 1)) -> dict[
     from diffalign.pipelines.loading import load_policy
     from diffalign.rewards import load_reward
     from diffalign.rewards.shapes_world import ALIGN_EVAL_PROMPTS
-    from diffalign.pipelines.loading import SHAPES_GUIDANCE
-    from diffalign.world import sample_world
+    from diffalign.world import SHAPES_GUIDANCE, sample_world
 
     prompts = [p for p in ALIGN_EVAL_PROMPTS for _ in seeds]
     noise_seeds = [s for _ in ALIGN_EVAL_PROMPTS for s in seeds]

@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # torch and numpy load inside the functions, so the CLI start
     import torch
 
 MANIFEST = "manifest.json"
+# The CFG scale the shapes models sample at by default: their single-object scores fall as CFG
+# grows (the guidance away from "", whose images hold 1-4 objects, removes objects).
+SHAPES_GUIDANCE = 1.5
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "shapes"
 
 
@@ -52,7 +55,7 @@ class WorldBuildConfig:
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     sample_steps: int = 20
-    guidance_scale: float = 1.5  # SHAPES_GUIDANCE
+    guidance_scale: float = SHAPES_GUIDANCE
     eval_seeds: int = 4
     threads: int = 2
     init: str | None = None
@@ -150,7 +153,7 @@ def pretrain(pipe, config: WorldBuildConfig, log: Callable[[str], None] = _print
 
 
 def sample_world(policy, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = 20,
-                 guidance_scale: float = 1.5, batch_size: int = 32) -> "torch.Tensor":
+                 guidance_scale: float = SHAPES_GUIDANCE, batch_size: int = 32) -> "torch.Tensor":
     """Deterministic samples (DDIM eta 0 / flow ODE): [N, 3, 64, 64] in [0, 1]; image i starts from
     the noise of ``seeds[i]``, so base and trained models can be compared image by image."""
     import torch

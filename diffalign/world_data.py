@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from diffalign.errors import UserError
+from diffalign.world import SHAPES_GUIDANCE
 
 PAIRS_VERSION = 1
 
@@ -36,7 +37,7 @@ def _png(image) -> bytes:
 
 def shapes_preference_rows(model: str = "shapes-sd", prompts: Sequence[str] | None = None, groups: int = 4,
                            group_size: int = 4, seed: int = 0, num_steps: int = 20,
-                           guidance_scale: float = 1.5) -> list[dict]:
+                           guidance_scale: float = SHAPES_GUIDANCE) -> list[dict]:
     """Pick-a-Pic rows {caption, jpg_0, jpg_1 (PNG bytes), label_0 (1: jpg_0 wins)} sampled from
     ``model`` on ``prompts`` (default: the alignment-training prompts), ties dropped."""
     import torch
@@ -127,7 +128,7 @@ def builtin_shapes_pairs(name: str, cache_dir: str | os.PathLike | None = None) 
 
 def compare_before_after(model: str, lora: str | None, out_png: str | os.PathLike,
                          prompts: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1), num_steps: int = 20,
-                         guidance_scale: float = 1.5) -> tuple[float, float]:
+                         guidance_scale: float = SHAPES_GUIDANCE) -> tuple[float, float]:
     """Mean strict ``shapes_geneval`` of base and base + ``lora`` samples (same prompts and seeds),
     and a grid PNG: one column per (prompt, seed), top row base, bottom row trained."""
     import torch
@@ -171,7 +172,7 @@ def add_world_commands(world_commands) -> None:
     compare.add_argument("--lora", help="a run's final/ folder (omit: base only, twice)")
     compare.add_argument("--out", required=True, help="PNG path of the before/after grid")
     compare.add_argument("--steps", type=int, default=20)
-    compare.add_argument("--guidance-scale", type=float, default=1.5)
+    compare.add_argument("--guidance-scale", type=float, default=SHAPES_GUIDANCE)
     compare.set_defaults(func=_cmd_compare)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from diffalign.errors import UserError
+from diffalign.world import SHAPES_GUIDANCE
 
 from .base import DiffusionPolicy
 from .tiny import TINY_MODELS, TINY_RESOLUTION, copy_model_folder, tiny_model_dir
@@ -25,9 +26,6 @@ SHAPES_MODELS = ("shapes-sd", "shapes-sdxl", "shapes-flux", "shapes-sd3")
 SHAPES_ROOT = Path(__file__).resolve().parent / "shapes"
 SHAPES_RESOLUTION = 64
 SHAPES_T5_LENGTH = 16
-# The CFG scale the shapes models sample at by default: their single-object scores fall as CFG
-# grows (the guidance away from "", whose images hold 1-4 objects, removes objects).
-SHAPES_GUIDANCE = 1.5
 EMBEDDED_MODELS = TINY_MODELS + SHAPES_MODELS
 
 # Pipeline class name -> family. Each family has one policy class.
