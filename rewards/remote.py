@@ -112,14 +112,19 @@ def decode_request(body: bytes, content_type: str, pairwise: bool) -> tuple[torc
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [0, 1] -> [B, H, W, 3] uint8, rounded as a PNG writer would."""
-    # contiguous: numpy writes a strided array element by element, ~5x slower
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    # one contiguous [B, H, W, 3] float copy, then in place: 0.7 ms for 32 images of 64 px, against
+    # 1.2 ms for clamp, scale, cast and a permuted copy. numpy writes a strided array ~5x slower.
+    pixels = images.detach().permute(0, 2, 3, 1).float().clone(memory_format=torch.contiguous_format)
+    return pixels.mul_(255).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
 def _from_uint8(array: np.ndarray) -> torch.Tensor:
     # contiguous NCHW, as an in-process caller passes them: on the permuted (channels-last) view
-    # the tiny CLIP's preprocessing and forward took 23-32 ms per 32 images instead of 10
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous().float() / 255.0
+    # the tiny CLIP's preprocessing and forward took 23-32 ms per 32 images instead of 10. The
+    # transpose is done on the uint8 bytes, a quarter of the float32 size: 0.3 ms instead of 2 ms.
+    # numpy, not torch: the server decodes on its event-loop thread, which must run no torch kernel.
+    nchw = np.ascontiguousarray(array.transpose(0, 3, 1, 2))
+    return torch.from_numpy(np.divide(nchw, np.float32(255), dtype=np.float32))
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -215,21 +220,27 @@ class RemoteReward(Reward):
         step = self.request_size or total
         starts = list(range(0, total, step))
 
-        def send(start: int) -> list[float]:
-            stop = start + step
-            body, content_type = encode_request(images[start:stop], prompts[start:stop],
-                                                None if images_b is None else images_b[start:stop], self.encoding)
+        # every request is encoded here, on the caller's thread: torch kernels run on the pool's
+        # threads would give each its own OpenMP team, and once the teams outnumber the cores every
+        # later kernel of the caller (the training step) runs slower (see diffalign.reward_server)
+        requests = [(len(prompts[start : start + step]),
+                     *encode_request(images[start : start + step], prompts[start : start + step],
+                                     None if images_b is None else images_b[start : start + step], self.encoding))
+                    for start in starts]
+
+        def send(request: tuple[int, bytes, str]) -> list[float]:
+            count, body, content_type = request
             values = self._post(f"/{route}", body, content_type)["scores" if route == "score" else "probabilities"]
-            if len(values) != len(prompts[start:stop]):
+            if len(values) != count:
                 raise UserError(f"reward 'remote': {self.url} answered {len(values)} values for "
-                                f"{len(prompts[start:stop])} images; is it a diffalign reward server?")
+                                f"{count} images; is it a diffalign reward server?")
             return values
 
-        if len(starts) == 1 or self.concurrency == 1:
-            parts = [send(start) for start in starts]
+        if len(requests) == 1 or self.concurrency == 1:
+            parts = [send(request) for request in requests]
         else:
-            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(starts))) as pool:
-                parts = list(pool.map(send, starts))
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests))) as pool:
+                parts = list(pool.map(send, requests))
         return torch.tensor([v for part in parts for v in part], dtype=torch.float32, device=images.device)
 
     def _post(self, path: str, body: bytes, content_type: str) -> dict[str, Any]:

@@ -259,3 +259,25 @@ def test_server_killed_mid_run_stops_training_with_one_line_and_keeps_the_last_c
     newest = out / "checkpoints" / f"step-{max(steps)}"
     assert load_file(str(newest / "lora.safetensors"))  # the LoRA of the last finished step
     assert json.loads((newest / "state.json").read_text())["step"] == max(steps)
+
+
+def test_serve_reward_stops_on_sigterm_while_a_client_keeps_its_connection_open():
+    """The CLI path: the reward runs on the main thread and the HTTP loop on another, so the
+    main thread must notice a SIGTERM the kernel delivered to any thread."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    server = subprocess.Popen([sys.executable, "-m", "diffalign.cli", "serve-reward", "brightness", "--port", "0",
+                               "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        match = re.search(r"on (http://127\.0\.0\.1:\d+)", server.stdout.readline())
+        assert match
+        client = load_reward(f"remote:url={match.group(1)},request_size=4")  # keeps its connections alive
+        x = images(12)
+        local = load_reward("brightness")((x * 255).round() / 255, [""] * 12)
+        for _ in range(3):
+            torch.testing.assert_close(client(x, [""] * 12), local, rtol=0, atol=1e-6)
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=20)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0 and "reward server stopped" in output
