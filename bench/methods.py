@@ -94,6 +94,7 @@ def tiny_world() -> World:
 def shapes_world() -> World:
     """The trained shapes world (diffalign.rewards.shapes_world): gold shapes_geneval, learned shapes_pref."""
     from diffalign.rewards import shapes_world as world
+    from diffalign.world import SHAPES_GUIDANCE
 
     # the world's alignment split of its held-out prompts (train on one half, measure on the other)
     train = list(getattr(world, "ALIGN_TRAIN_PROMPTS", world.TRAIN_PROMPTS))
@@ -103,7 +104,7 @@ def shapes_world() -> World:
         name="shapes", models={f: f"shapes-{f}" for f in ("sd", "sdxl", "flux", "sd3")},
         verifiable="shapes_geneval:partial=true", learned="shapes_pref",
         train_prompts=train, heldout_prompts=heldout[::step][:8],
-        dpo_source="builtin:shapes", num_steps=10, eval_guidance=4.0, recipes=True, budget=1500, quick_budget=1000,
+        dpo_source="builtin:shapes", num_steps=10, eval_guidance=SHAPES_GUIDANCE, recipes=True, budget=1500, quick_budget=1000,
     )  # fmt: skip
 
 

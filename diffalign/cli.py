@@ -37,7 +37,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        from diffalign.run import check_inputs
+        from diffalign.preflight import check_inputs
 
         check_inputs(cfg)  # files, model folder and reward names too, as a real start would
         print(config_to_yaml(cfg), end="")

@@ -1,4 +1,8 @@
-"""What every trainer shares: processes, output folder, logging, checkpoint/resume, optimizer.
+"""What every trainer shares: processes, output folder, logging, checkpoint/resume.
+
+The optimizer helpers (:func:`build_optimizer`, :func:`build_lr_scheduler`, :func:`sync_gradients`,
+...) live in :mod:`diffalign.optim` and are re-exported here; the checks made before a run touches
+anything, and on resume, in :mod:`diffalign.preflight`.
 
 Plain objects and functions, no base class. A trainer reads like::
 
@@ -45,7 +49,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
-from pydantic import BaseModel
 
 from diffalign.checkpoint import (
     TrainingState,
@@ -57,9 +60,21 @@ from diffalign.checkpoint import (
     save_checkpoint,
     set_aside_later_checkpoints,
 )
-from diffalign.config import BaseRunConfig, TrainSettings, config_to_yaml
+from diffalign.config import BaseRunConfig, config_to_yaml
 from diffalign.errors import RunStopped, UserError
 from diffalign.files import append_line, is_disk_full, write_file_atomically
+from diffalign.optim import (  # re-exported: trainers build their optimizer from here
+    OPTIMIZER_KEYS,
+    SDPA_SWITCHES,
+    apply_train_settings,
+    build_lr_scheduler,
+    build_optimizer,
+    clip_gradients,
+    maybe_enable_xformers,
+    set_sdpa_switches,
+    sync_gradients,
+)
+from diffalign.preflight import changed_on_resume, check_inputs
 
 
 __all__ = [
@@ -96,16 +111,6 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 # Runs alive in this process, so that the command line can close their progress bars (the
 # error is then the last line printed) and drop an --overwrite staging folder after an error.
 _LIVE_RUNS: list["Run"] = []
-
-# Keys a resume cannot change: the weights and the random streams of the run depend on them.
-FROZEN_ON_RESUME = ("method", "model", "seed", "lora.rank", "lora.alpha", "lora.target_modules",
-                    "init_lora", "reference")
-# Keys that are a property of the invocation, not of the training.
-IGNORED_ON_RESUME = ("resume", "output_dir", "lora.init_lora_weights")  # (the weights come from the checkpoint)
-# train.* keys whose old value the restored optimizer/scheduler state would keep: re-applied.
-OPTIMIZER_KEYS = ("learning_rate", "lr_scheduler", "warmup_steps", "max_steps",
-                  "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon")
-
 
 class Run:
     """One training run on this process: accelerator, run folder, metrics, samples, checkpoints.
@@ -622,210 +627,3 @@ def refuse_to_replace(out: Path) -> None:
             f"output_dir {out} is not a diffalign run (no config.yaml), so --overwrite will not replace it; "
             "choose another output_dir, or move its files away yourself"
         )
-
-
-# --- checks before a run touches anything ------------------------------------------------------
-
-
-def _walk_config(model: BaseModel, prefix: str = ""):
-    """(dotted key, value) of every field of ``model`` and its sections."""
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        key = f"{prefix}{name}"
-        if isinstance(value, BaseModel):
-            yield from _walk_config(value, key + ".")
-        else:
-            yield key, value
-
-
-def _looks_like_a_path(model: str) -> bool:
-    """A local path rather than a hub id (``org/name``) or a model name such as ``tiny-sdxl``."""
-    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
-
-
-def check_inputs(cfg: BaseRunConfig) -> None:
-    """What can be checked without loading anything, before the run touches a file: a local
-    model folder exists, reward names and options are registered, prompt files and JSONL
-    manifests exist. Each mistake is a UserError naming the key."""
-    model = cfg.model
-    if _looks_like_a_path(model) and not Path(model).expanduser().exists():
-        raise UserError(f"model: no such folder {model}; point model at a diffusers folder, a hub id or a tiny-* model")
-    for key, value in _walk_config(cfg):
-        name = key.rsplit(".", 1)[-1]
-        if value is None:
-            continue
-        if name in ("reward", "judge") and isinstance(value, (str, dict)):
-            from diffalign.rewards import parse_reward_spec
-
-            try:
-                parse_reward_spec(value)
-            except UserError as err:
-                raise UserError(f"{key}: {err}") from None
-        elif name == "prompts" and isinstance(value, (str, list)):
-            from diffalign.data import load_prompts
-
-            if isinstance(value, list) or not value.startswith("builtin:"):
-                load_prompts(value, key=key)
-        elif name == "source" and isinstance(value, str) and value.endswith(".jsonl") and not Path(value).is_file():
-            raise UserError(f"{key}: manifest {value} not found")
-        elif name == "source" and isinstance(value, str) and _looks_like_a_path(value) and not Path(value).expanduser().exists():
-            raise UserError(f"{key}: no such file or folder {value}")
-
-
-# --- resuming with another config --------------------------------------------------------------
-
-
-def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and key not in ("reward", "judge"):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def changed_on_resume(saved: dict | None, cfg: BaseRunConfig, folder: Path) -> dict[str, tuple[Any, Any]]:
-    """``{key: (value in the checkpoint's run, value now)}`` for every setting a resume changes.
-
-    A change of a key in :data:`FROZEN_ON_RESUME` (method, model, seed, LoRA shape) is a
-    UserError naming it: the checkpoint cannot continue under it. ``saved`` None (a checkpoint
-    that predates recorded configs): nothing to compare."""
-    if saved is None:
-        return {}
-    now = cfg.model_dump(mode="json")
-    if saved.get("method") != now["method"]:
-        raise UserError(
-            f"resume={cfg.resume}: {folder} is a checkpoint of a {saved.get('method')} run, and this config trains "
-            f"{now['method']}; resume it with method: {saved.get('method')}, or start the {now['method']} run without resume"
-        )
-    before, after = _flat(saved), _flat(now)
-    changes = {}
-    for key in sorted(set(before) | set(after)):
-        if key in IGNORED_ON_RESUME or before.get(key) == after.get(key):
-            continue
-        if key in FROZEN_ON_RESUME:
-            raise UserError(
-                f"resume={cfg.resume}: {key} was {before.get(key)!r} in the run that wrote {folder} and is "
-                f"{after.get(key)!r} now; it cannot change mid-run: set {key}={before.get(key)!r} or start a new run"
-            )
-        changes[key] = (before.get(key, "(unset)"), after.get(key, "(unset)"))
-    return changes
-
-
-def apply_train_settings(optimizer, lr_scheduler, train: TrainSettings) -> None:
-    """Give a restored optimizer and schedule the config's hyperparameters (a checkpoint holds the
-    old ones): learning rate (through the schedule at its current step), betas, weight decay, eps."""
-    if optimizer is None:
-        return
-    for group in optimizer.param_groups:
-        group["betas"] = (train.adam_beta1, train.adam_beta2)
-        group["weight_decay"] = train.adam_weight_decay
-        group["eps"] = train.adam_epsilon
-        group["initial_lr"] = train.learning_rate
-    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
-    if lr_scheduler is None or lambdas is None:
-        for group in optimizer.param_groups:
-            group["lr"] = train.learning_rate
-        return
-    lr_scheduler.base_lrs = [train.learning_rate for _ in optimizer.param_groups]
-    lrs = [base * fn(lr_scheduler.last_epoch) for base, fn in zip(lr_scheduler.base_lrs, lambdas)]
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    lr_scheduler._last_lr = lrs
-
-
-# --- optimisation helpers --------------------------------------------------------------------
-
-# train.sdpa_backends names -> torch's switches for scaled_dot_product_attention's kernels.
-SDPA_SWITCHES = {
-    "flash": (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp),
-    "efficient": (torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.enable_mem_efficient_sdp),
-    "cudnn": (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp),
-    "math": (torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.enable_math_sdp),
-}
-
-
-def set_sdpa_switches(switches: dict[str, bool]) -> dict[str, bool]:
-    """Turn scaled_dot_product_attention's kernels (names of ``SDPA_SWITCHES``) on or off for
-    the process; returns those switches as they were, to put them back with."""
-    before = {name: SDPA_SWITCHES[name][0]() for name in switches}
-    for name, on in switches.items():
-        SDPA_SWITCHES[name][1](on)
-    return before
-
-
-def build_optimizer(params, train: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW over ``params`` (a list or a name -> Parameter dict); bitsandbytes AdamW8bit if asked."""
-    params = list(params.values()) if isinstance(params, dict) else list(params)
-    kwargs = dict(
-        lr=train.learning_rate,
-        betas=(train.adam_beta1, train.adam_beta2),
-        weight_decay=train.adam_weight_decay,
-        eps=train.adam_epsilon,
-    )
-    if train.use_8bit_adam:
-        if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
-            raise UserError(
-                "train.use_8bit_adam needs bitsandbytes on a CUDA machine: pip install 'diffalign[bnb]' "
-                "or set train.use_8bit_adam=false"
-            )
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
-
-
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainSettings):
-    """``train.lr_scheduler`` with ``warmup_steps`` over ``max_steps``; step it once per optimizer step."""
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(
-        train.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=train.warmup_steps,
-        num_training_steps=train.max_steps,
-    )
-
-
-def sync_gradients(params, accelerator: Accelerator) -> None:
-    """Average the gradients of ``params`` over all processes as one flat buffer (no-op for one).
-
-    Call on every process after the last backward of an optimizer step. A parameter without a
-    gradient counts as zeros, so every process takes part with the same buffer layout.
-    """
-    if accelerator.num_processes <= 1:
-        return
-    params = list(params.values()) if isinstance(params, dict) else list(params)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    flat /= accelerator.num_processes
-    offset = 0
-    for param in params:
-        n = param.numel()
-        param.grad = flat[offset : offset + n].view_as(param).to(param.dtype).clone()
-        offset += n
-
-
-def clip_gradients(params, max_norm: float | None) -> float:
-    """Clip the total gradient norm of ``params`` to ``max_norm`` (None: only measure); the norm before."""
-    params = list(params.values()) if isinstance(params, dict) else list(params)
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-    return float(norm)
-
-
-def maybe_enable_xformers(denoiser_or_pipe, train: TrainSettings) -> bool:
-    """Turn on xformers attention when ``train.enable_xformers``; True if it did."""
-    if not train.enable_xformers:
-        return False
-    if not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None:
-        raise UserError(
-            "train.enable_xformers needs CUDA and xformers: pip install 'diffalign[xformers]' "
-            "or set train.enable_xformers=false"
-        )
-    denoiser_or_pipe.enable_xformers_memory_efficient_attention()
-    return True

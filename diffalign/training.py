@@ -20,9 +20,10 @@ from diffalign.console import run_summary_lines
 from diffalign.errors import UserError
 from diffalign.files import is_disk_full
 from diffalign.guard import finish_guard, guard_for
+from diffalign.optim import build_lr_scheduler, build_optimizer, clip_gradients, maybe_enable_xformers, sync_gradients
 from diffalign.pipelines.base import DiffusionPolicy
 from diffalign.pipelines.loading import load_policy
-from diffalign.run import Run, build_lr_scheduler, build_optimizer, clip_gradients, maybe_enable_xformers, sync_gradients
+from diffalign.run import Run
 
 # Classifier-free guidance used for sample grids when logging.sample_guidance_scale is unset.
 DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "flux": 1.0, "sd3": 4.5}  # SD3.5-M: its model card, Flow-GRPO

@@ -27,15 +27,8 @@ from diffalign.config import BaseRunConfig, TrainSettings
 from diffalign.errors import UserError
 from pydantic import ValidationError
 from diffalign.checkpoint import list_checkpoints
-from diffalign.run import (
-    Run,
-    TrainingState,
-    build_lr_scheduler,
-    build_optimizer,
-    clip_gradients,
-    maybe_enable_xformers,
-    sync_gradients,
-)
+from diffalign.optim import build_lr_scheduler, build_optimizer, clip_gradients, maybe_enable_xformers, sync_gradients
+from diffalign.run import Run, TrainingState
 
 W_TRUE = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 1.0], [2.0, 0.0, -1.0], [-1.0, 0.5, 0.0]])
 
