@@ -398,7 +398,8 @@ def plot_curves(results: list[MethodResult], path: Path, world: World) -> None:
             points = min(len(run["curve"]) for run in r.runs)
             xs = [statistics.mean(run["curve"][j][0] for run in r.runs) for j in range(points)]
             ys = [statistics.mean(run["curve"][j][1] for run in r.runs) for j in range(points)]
-            ax.plot(xs, ys, marker="o", markersize=3, label=r.method)
+            colour = f"C{list(METHOD_FAMILIES).index(r.method) % 10}"  # one colour per method in every panel
+            ax.plot(xs, ys, marker="o", markersize=3, label=r.method, color=colour)
         ax.set_title(f"{world.models[family]}")
         ax.set_xlabel("denoiser forward-pass equivalents")
         ax.set_ylabel(f"held-out {world.verifiable}")
