@@ -275,6 +275,9 @@ def test_serve_reward_stops_on_sigterm_while_a_client_keeps_its_connection_open(
         local = load_reward("brightness")((x * 255).round() / 255, [""] * 12)
         for _ in range(3):
             torch.testing.assert_close(client(x, [""] * 12), local, rtol=0, atol=1e-6)
+        y = images(12, seed=1)
+        expected = load_reward("brightness").compare((x * 255).round() / 255, (y * 255).round() / 255, [""] * 12)
+        torch.testing.assert_close(client.compare(x, y, [""] * 12), expected, rtol=0, atol=1e-6)
         server.send_signal(signal.SIGTERM)
         output, _ = server.communicate(timeout=20)
     finally:
