@@ -67,11 +67,19 @@ def tiny_model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
 
 def copy_model_folder(source: Path, out_dir: str | os.PathLike) -> Path:
     """Copy the diffusers folder ``source`` to ``out_dir``, which must be new or empty
-    (FileExistsError otherwise: nothing of the user's is overwritten)."""
+    (FileExistsError otherwise: nothing of the user's is overwritten). The copy is written beside
+    ``out_dir`` and renamed into place, so a copy that fails part-way leaves no half folder."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose an empty or new folder")
-    shutil.copytree(source, out, dirs_exist_ok=True)
+    staging = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    try:
+        shutil.copytree(source, staging)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
