@@ -206,70 +206,44 @@ def test_warn_trains_to_the_end_and_keep_best_chooses_the_final_lora(tmp_path):
 # --- the hacking run on the shapes world ---------------------------------------------------------
 
 
-def test_guard_stops_proxy_reward_hacking_on_the_shapes_world(tmp_path):
-    """DRaFT climbs a proxy reward, brightness, with a deliberately high learning rate (1e-2) on
-    shapes-sd: on the held-out prompts' samples brightness rises (the boards wash out) while the
-    gold shapes_geneval (partial credit) falls; the guard stops the run before its 12 steps, and
-    final/ holds a LoRA whose gold reward is at least the best seen during training. (The test
-    below does the same with the learned proxy, shapes_pref.)"""
+# Two proxies DRaFT over-optimises on shapes-sd while the gold shapes_geneval (partial credit) on
+# held-out prompts falls:
+# - brightness, a rule, at a deliberately high learning rate (1e-2): the boards wash out;
+# - the learned shapes_pref at the draft/shapes-sd.yaml recipe's settings (lr 1e-3, CFG 1.5).
+#   Measured with one thread: held-out gold 0.609 (base) -> 0.625 (step 5) -> 0.562 (step 10),
+#   held-out shapes_pref 0.854 -> 0.870 at step 10; left to run (warn), shapes_pref 0.880 and
+#   gold 0.375 at step 40.
+SHAPES_HACKING_RUNS = {
+    "brightness": ({"num_steps": 6, "guidance_scale": 4.0}, {"max_steps": 12, "learning_rate": 1e-2}, 6, 2, 0.01),
+    "shapes_pref": ({"num_steps": 10, "guidance_scale": 1.5, "noise_level": 0.0},
+                    {"max_steps": 40, "learning_rate": 1e-3, "max_grad_norm": 1.0}, 8, 5, 0.008),
+}  # proxy: (draft settings, train settings, held-out prompts, guard.every, least rise of the proxy)
+
+
+@pytest.mark.parametrize("proxy", list(SHAPES_HACKING_RUNS))
+def test_guard_stops_reward_hacking_on_the_shapes_world(tmp_path, proxy):
+    """The guard calls the run hacking (training reward up, held-out gold down by more than the
+    tolerance) and stops it before its last step; on the held-out prompts' samples the proxy
+    went up; final/ holds a LoRA whose gold reward is at least the best seen during training."""
     from diffalign.rewards.shapes_world import ALIGN_EVAL_PROMPTS, ALIGN_TRAIN_PROMPTS
 
-    gold = "shapes_geneval:partial=true"
+    draft, train_settings, num_prompts, every, least_rise = SHAPES_HACKING_RUNS[proxy]
+    sampling = {"num_steps": draft["num_steps"], "guidance_scale": draft["guidance_scale"]}
     cfg, train = _train({
         "method": "draft", "model": "shapes-sd", "output_dir": str(tmp_path / "run"), "seed": 0,
-        "draft": {"reward": "brightness", "prompts": list(ALIGN_TRAIN_PROMPTS), "num_steps": 6,
-                  "guidance_scale": 4.0, "k": 1, "checkpoint_steps": False},
-        "train": {"max_steps": 12, "learning_rate": 1e-2, "batch_size": 4, "lr_scheduler": "constant",
-                  "checkpoint_every": 0},
+        "draft": {"reward": proxy, "prompts": list(ALIGN_TRAIN_PROMPTS), "k": 1, "checkpoint_steps": False, **draft},
+        "train": {"batch_size": 4, "lr_scheduler": "constant", "checkpoint_every": 0, **train_settings},
         "lora": {"rank": 8, "alpha": 16},
-        "eval": {"reward": gold, "prompts": list(ALIGN_EVAL_PROMPTS)[:6], "num_images_per_prompt": 2,
-                 "num_steps": 6, "guidance_scale": 4.0},
-        "guard": {"every": 2, "action": "stop"},
-    })  # fmt: skip
-    with pytest.raises(GuardStopped) as info:
-        train()
-    run_dir = tmp_path / "run"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    checks = [r for r in records if "guard/verdict" in r]
-    assert info.value.step < cfg.train.max_steps and checks[-1]["guard/verdict"] == "hacking"
-    # the proxy reward of the held-out samples went up
-    assert _heldout_of(run_dir / "last", cfg, "brightness") > _heldout_of(None, cfg, "brightness") + 0.01
-    heldout = [r["guard/heldout_reward"] for r in checks]
-    assert heldout[-1] < max(heldout) - cfg.guard.tolerance  # the gold reward went down
-    assert _heldout_of(run_dir / "final", cfg) >= max(heldout) - 1e-6
-
-
-def test_guard_stops_learned_reward_hacking_on_the_shapes_world(tmp_path):
-    """DRaFT climbs the learned shapes_pref on shapes-sd (the draft/shapes-sd.yaml recipe's settings,
-    lr 1e-3): held-out shapes_pref rises while the gold shapes_geneval (partial credit) rises, then
-    falls. The guard calls it hacking at the second check (step 10 of 40) and stops; final/ holds
-    the LoRA of the best check, whose gold reward is at least the best seen during training.
-
-    Measured with one thread: held-out gold 0.609 (base) -> 0.625 (step 5) -> 0.562 (step 10);
-    held-out shapes_pref 0.854 -> 0.870 at step 10. Run on (warn), the same run reaches shapes_pref
-    0.880 and gold 0.375 at step 40: learned-reward over-optimisation."""
-    from diffalign.rewards.shapes_world import ALIGN_EVAL_PROMPTS, ALIGN_TRAIN_PROMPTS
-
-    gold = "shapes_geneval:partial=true"
-    cfg, train = _train({
-        "method": "draft", "model": "shapes-sd", "output_dir": str(tmp_path / "run"), "seed": 0,
-        "draft": {"reward": "shapes_pref", "prompts": list(ALIGN_TRAIN_PROMPTS), "num_steps": 10,
-                  "guidance_scale": 1.5, "noise_level": 0.0, "k": 1, "checkpoint_steps": False},
-        "train": {"max_steps": 40, "learning_rate": 1e-3, "max_grad_norm": 1.0, "batch_size": 4,
-                  "lr_scheduler": "constant", "checkpoint_every": 0},
-        "lora": {"rank": 8, "alpha": 16},
-        "eval": {"reward": gold, "prompts": list(ALIGN_EVAL_PROMPTS)[:8], "num_images_per_prompt": 2,
-                 "num_steps": 10, "guidance_scale": 1.5},
-        "guard": {"every": 5, "action": "stop"},
+        "eval": {"reward": "shapes_geneval:partial=true", "prompts": list(ALIGN_EVAL_PROMPTS)[:num_prompts],
+                 "num_images_per_prompt": 2, **sampling},
+        "guard": {"every": every, "action": "stop"},
     })  # fmt: skip
     with pytest.raises(GuardStopped) as info:
         train()
     run_dir = tmp_path / "run"
     checks = _guard_records(run_dir)
     assert info.value.step < cfg.train.max_steps and checks[-1]["guard/verdict"] == "hacking"
-    # the learned reward of the held-out samples went up (measured +0.016) ...
-    assert _heldout_of(run_dir / "last", cfg, "shapes_pref") > _heldout_of(None, cfg, "shapes_pref") + 0.008
-    # ... while the gold one fell from its best by more than the tolerance
+    assert _heldout_of(run_dir / "last", cfg, proxy) > _heldout_of(None, cfg, proxy) + least_rise
     heldout = [r["guard/heldout_reward"] for r in checks]
-    assert heldout[-1] < max(heldout) - cfg.guard.tolerance
+    assert heldout[-1] < max(heldout) - cfg.guard.tolerance  # the gold reward went down
     assert _heldout_of(run_dir / "final", cfg) >= max(heldout) - 1e-6
