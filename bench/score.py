@@ -14,6 +14,10 @@ CPU the client and the server share the cores, so this is the worst case for the
 
     python bench/score.py --reward brightness --remote --batch-size 32 --resolution 256
     python bench/score.py --reward clip --remote --batch-size 32 --resolution 256
+    python bench/score.py --reward clip --size small --remote --batch-size 32 --resolution 64 --images 64
+
+With ``--size small`` (or ``full``) ``--remote`` saves the random CLIP to a temporary folder in
+open_clip's hub layout and serves ``clip:model=<that folder>``: the same weights on both sides.
 
 ``--size``: ``tiny`` (default) loads the tiny weights; ``small`` builds ViT-B/32 towers with random
 weights (clip, aesthetic, hpsv2), big enough that the model's compute dominates on a CPU; ``full``
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -211,7 +216,7 @@ def main() -> None:
     print(f"  raw forward      {raw:10.1f} images/s")
     print(f"  batched / raw    {batched / raw:10.3f}  (goal >= 0.9)")
     if args.remote:
-        whole, split = remote_throughput(args, name, options, images, prompts)
+        whole, split = remote_throughput(args, name, options, images, prompts, reward)
         print(f"  remote ({args.encoding}), diffalign serve-reward in a second process, max batch {step}:")
         print(f"    one request per call  {whole:10.1f} images/s  (the client's default; the server cuts it into batches)")
         print(f"    requests of {step:<4}      {split:10.1f} images/s  (request_size={step}, 4 in flight)")
@@ -219,7 +224,8 @@ def main() -> None:
         print(f"  remote / in-process {split / batched:7.3f}  requests of {step}: each pays the HTTP round trip")
 
 
-def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prompts: list[str]) -> tuple[float, float]:
+def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prompts: list[str],
+                      reward: Reward) -> tuple[float, float]:
     """Images per second of the ``remote`` reward against a ``diffalign serve-reward`` subprocess
     serving the same reward spec (max batch = --batch-size): (one request per call, requests of
     --batch-size images)."""
@@ -228,8 +234,14 @@ def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prom
 
     from diffalign.rewards.registry import format_reward_spec
 
-    if args.size != "tiny":
-        raise SystemExit("--remote serves a registry spec; use it with --size tiny or a spec naming real weights")
+    folder = None
+    if args.size != "tiny":  # the server loads the same random weights from an open_clip hub-layout folder
+        if name != "clip":
+            raise SystemExit("--remote with --size small/full serves clip only (its weights are saved for the server); "
+                             "use --size tiny or a spec naming real weights")
+        folder = tempfile.TemporaryDirectory(prefix="bench-score-")
+        save_open_clip_folder(reward.model, args.size, folder.name)
+        name, options = "clip", {"model": folder.name, "scale": 1.0, "batch_size": args.batch_size}
     command = [sys.executable, "-m", "diffalign.cli", "serve-reward", format_reward_spec(name, options), "--port", "0",
                "--max-batch", str(args.batch_size), "--device", args.device]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -246,6 +258,28 @@ def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prom
     finally:
         server.terminate()
         server.wait(timeout=60)
+        if folder is not None:
+            folder.cleanup()
+
+
+def save_open_clip_folder(model: torch.nn.Module, size: str, out: str) -> None:
+    """``model`` (an open_clip CLIP built by :func:`build_full`) as a local folder in open_clip's
+    hub layout (``open_clip_config.json`` + ``open_clip_model.safetensors``), which ``clip:model=``
+    loads through the registry."""
+    import json
+
+    from open_clip import get_model_config
+    from safetensors.torch import save_file
+
+    from diffalign.rewards.image_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    arch = "ViT-B-32" if size == "small" else "ViT-L-14"
+    save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(out, "open_clip_model.safetensors"))
+    config = {"model_cfg": get_model_config(arch), "preprocess_cfg": {
+        "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
+    with open(os.path.join(out, "open_clip_config.json"), "w") as handle:
+        json.dump(config, handle)
 
 
 if __name__ == "__main__":
