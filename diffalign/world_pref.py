@@ -142,7 +142,7 @@ def train_shapes_pref(out: Path, models: Sequence[str], steps: int = 2000, seed:
     (out.with_name("config.json")).write_text(json.dumps({"width": net.width, "text_width": 128}) + "\n")
     manifest = {
         "command": f"python -m diffalign.world_pref --out {out.name} --steps {steps} --seed {seed} "
-                   f"--models {' '.join(models)}",
+                   f"--samples {samples} --models {' '.join(models)}",
         "held_out_spearman_vs_shapes_geneval_partial": round(rho, 4),
         "held_out_samples": len(held_prompts),
         "train_examples": len(train_prompts),
@@ -159,10 +159,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["shapes-sd"])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=256, help="training samples drawn from each of --models")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train_shapes_pref(args.out, args.models, args.steps, args.seed)
+    train_shapes_pref(args.out, args.models, args.steps, args.seed, samples=args.samples)
 
 
 if __name__ == "__main__":
