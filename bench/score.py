@@ -49,6 +49,11 @@ PROMPTS = ["a photo of an astronaut riding a horse on mars", "a red apple on a w
            "a watercolor painting of a lighthouse at dawn", "two corgis playing in the snow, 35mm film"]
 
 
+def open_clip_arch(name: str, size: str) -> str:
+    """The open_clip architecture :func:`build_full` builds for ``name`` at ``size``."""
+    return "ViT-B-32" if size == "small" else {"clip": "ViT-L-14", "hpsv2": "ViT-H-14", "aesthetic": "ViT-L-14"}[name]
+
+
 def build_full(name: str, device: str, dtype: str, batch_size: int, size: str = "full") -> Reward:
     """The published architecture of ``name`` (``size="small"``: ViT-B/32 towers) with random
     weights, wrapped in the real reward class."""
@@ -62,7 +67,7 @@ def build_full(name: str, device: str, dtype: str, batch_size: int, size: str = 
     torch_dtype = resolve_dtype(dtype, device, name)
     common = {"batch_size": batch_size, "bt_scale": 1.0, "dtype": torch_dtype}
     if name in ("clip", "hpsv2", "aesthetic"):
-        arch = "ViT-B-32" if size == "small" else {"clip": "ViT-L-14", "hpsv2": "ViT-H-14", "aesthetic": "ViT-L-14"}[name]
+        arch = open_clip_arch(name, size)
         model = freeze(open_clip.create_model(arch, pretrained=None))
         preprocess = {"size": 224, "mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD, "interpolation": "bicubic",
                       "resize_mode": "longest" if name == "hpsv2" else "shortest"}
@@ -240,7 +245,7 @@ def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prom
             raise SystemExit("--remote with --size small/full serves clip only (its weights are saved for the server); "
                              "use --size tiny or a spec naming real weights")
         folder = tempfile.TemporaryDirectory(prefix="bench-score-")
-        save_open_clip_folder(reward.model, args.size, folder.name)
+        save_open_clip_folder(reward, open_clip_arch(name, args.size), folder.name)
         name, options = "clip", {"model": folder.name, "scale": 1.0, "batch_size": args.batch_size}
     command = [sys.executable, "-m", "diffalign.cli", "serve-reward", format_reward_spec(name, options), "--port", "0",
                "--max-batch", str(args.batch_size), "--device", args.device]
@@ -262,22 +267,19 @@ def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prom
             folder.cleanup()
 
 
-def save_open_clip_folder(model: torch.nn.Module, size: str, out: str) -> None:
-    """``model`` (an open_clip CLIP built by :func:`build_full`) as a local folder in open_clip's
-    hub layout (``open_clip_config.json`` + ``open_clip_model.safetensors``), which ``clip:model=``
-    loads through the registry."""
+def save_open_clip_folder(reward: Reward, arch: str, out: str) -> None:
+    """The model and preprocessing of ``reward`` (an ``OpenClipScore`` built by :func:`build_full`)
+    as a local folder in open_clip's hub layout (``open_clip_config.json`` +
+    ``open_clip_model.safetensors``), which ``clip:model=`` loads through the registry."""
     import json
 
     from open_clip import get_model_config
     from safetensors.torch import save_file
 
-    from diffalign.rewards.image_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    arch = "ViT-B-32" if size == "small" else "ViT-L-14"
-    save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
+    save_file({k: v.detach().float().contiguous() for k, v in reward.model.state_dict().items()},
               os.path.join(out, "open_clip_model.safetensors"))
-    config = {"model_cfg": get_model_config(arch), "preprocess_cfg": {
-        "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
+    preprocess = {**reward.preprocess, "mean": list(reward.preprocess["mean"]), "std": list(reward.preprocess["std"])}
+    config = {"model_cfg": get_model_config(arch), "preprocess_cfg": preprocess}
     with open(os.path.join(out, "open_clip_config.json"), "w") as handle:
         json.dump(config, handle)
 
