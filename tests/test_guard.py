@@ -210,9 +210,10 @@ def test_warn_trains_to_the_end_and_keep_best_chooses_the_final_lora(tmp_path):
 # held-out prompts falls:
 # - brightness, a rule, at a deliberately high learning rate (1e-2): the boards wash out;
 # - the learned shapes_pref at the draft/shapes-sd.yaml recipe's settings (lr 1e-3, CFG 1.5).
-#   Measured with one thread: held-out gold 0.609 (base) -> 0.625 (step 5) -> 0.562 (step 10),
-#   held-out shapes_pref 0.854 -> 0.870 at step 10; left to run (warn), shapes_pref 0.880 and
-#   gold 0.375 at step 40.
+#   Measured with one thread (shapes_pref retrained on 2048 samples each of shapes-sd and -sdxl):
+#   held-out gold 0.609 (base, steps 5 and 15) -> 0.594 (step 10) -> 0.500 (step 20, stopped),
+#   held-out shapes_pref 0.634 -> 0.670 at step 20, final/ = the base (gold 0.609); left to run
+#   (warn), shapes_pref 0.747 and gold 0.484 at step 40.
 SHAPES_HACKING_RUNS = {
     "brightness": ({"num_steps": 6, "guidance_scale": 4.0}, {"max_steps": 12, "learning_rate": 1e-2}, 6, 2, 0.01),
     "shapes_pref": ({"num_steps": 10, "guidance_scale": 1.5, "noise_level": 0.0},

@@ -41,9 +41,9 @@ def test_shapes_recipes_train_and_measure_on_the_split(path):
 @pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="shapes_pref weights are not shipped in this checkout")
 def test_shapes_pref_agrees_with_the_gold_reward_and_has_gradients():
     manifest = json.loads(SHIPPED_WEIGHTS.with_name("manifest.json").read_text())
-    # Measured 0.63 for the shipped weights (trained on the first shapes-sd build's noisy samples);
-    # the target is 0.7, not reached yet: this guards against a regression below what ships.
-    assert manifest["held_out_spearman_vs_shapes_geneval_partial"] >= 0.6
+    # Measured 0.75 for the shipped weights (world images, edits and 2048 samples each of shapes-sd
+    # and shapes-sdxl); the issue's target is 0.7.
+    assert manifest["held_out_spearman_vs_shapes_geneval_partial"] >= 0.7
     reward = load_reward("shapes_pref")
     assert reward.differentiable
     prompts = list(ALIGN_EVAL_PROMPTS)
@@ -94,11 +94,13 @@ def test_builtin_shapes_is_a_data_source():
 
 @pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="shapes_pref weights are not shipped in this checkout")
 def test_shapes_pref_can_be_over_optimised():
-    """Gradient ascent on the pixels of a blank board drives shapes_pref to ~1 while the gold
-    reward stays low: the learned reward can be hacked (what the reward-hacking guard watches)."""
+    """Gradient ascent on the pixels of a grey board drives shapes_pref to ~1 while the gold
+    reward stays low: the learned reward can be hacked (what the reward-hacking guard watches).
+    (From the world's near-white background two of the four stall: the scorer is sure such a
+    board is empty, its sigmoid saturates near 0 and the gradient vanishes.)"""
     pref, gold = load_reward("shapes_pref"), load_reward("shapes_geneval:partial=true")
     prompts = ["a blue circle and a red square", "three triangles", "a yellow triangle", "a green circle left of a square"]
-    logits = torch.full((4, 3, 64, 64), 232 / 255).logit(eps=1e-4).requires_grad_(True)
+    logits = torch.zeros(4, 3, 64, 64, requires_grad=True)  # sigmoid(0) = mid grey
     optimizer = torch.optim.Adam([logits], lr=0.1)
     for _ in range(150):
         optimizer.zero_grad()
@@ -106,7 +108,7 @@ def test_shapes_pref_can_be_over_optimised():
         optimizer.step()
     images = torch.sigmoid(logits).detach()
     assert pref(images, prompts).mean() > 0.99
-    assert gold(images, prompts).mean() < 0.75  # measured 0.5
+    assert gold(images, prompts).mean() < 0.75  # measured 0.125
 
 
 def test_builtin_shapes_pairs_are_cached_per_build_of_the_model(tmp_path):
