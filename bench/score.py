@@ -244,8 +244,13 @@ def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prom
         if name != "clip":
             raise SystemExit("--remote with --size small/full serves clip only (its weights are saved for the server); "
                              "use --size tiny or a spec naming real weights")
+        from open_clip import get_model_config
+
+        from diffalign.rewards.clip import save_open_clip_folder
+
         folder = tempfile.TemporaryDirectory(prefix="bench-score-")
-        save_open_clip_folder(reward, open_clip_arch(name, args.size), folder.name)
+        preprocess = {**reward.preprocess, "mean": list(reward.preprocess["mean"]), "std": list(reward.preprocess["std"])}
+        save_open_clip_folder(reward.model, get_model_config(open_clip_arch(name, args.size)), preprocess, folder.name)
         name, options = "clip", {"model": folder.name, "scale": 1.0, "batch_size": args.batch_size}
     command = [sys.executable, "-m", "diffalign.cli", "serve-reward", format_reward_spec(name, options), "--port", "0",
                "--max-batch", str(args.batch_size), "--device", args.device]
@@ -265,23 +270,6 @@ def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prom
         server.wait(timeout=60)
         if folder is not None:
             folder.cleanup()
-
-
-def save_open_clip_folder(reward: Reward, arch: str, out: str) -> None:
-    """The model and preprocessing of ``reward`` (an ``OpenClipScore`` built by :func:`build_full`)
-    as a local folder in open_clip's hub layout (``open_clip_config.json`` +
-    ``open_clip_model.safetensors``), which ``clip:model=`` loads through the registry."""
-    import json
-
-    from open_clip import get_model_config
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().float().contiguous() for k, v in reward.model.state_dict().items()},
-              os.path.join(out, "open_clip_model.safetensors"))
-    preprocess = {**reward.preprocess, "mean": list(reward.preprocess["mean"]), "std": list(reward.preprocess["std"])}
-    config = {"model_cfg": get_model_config(arch), "preprocess_cfg": preprocess}
-    with open(os.path.join(out, "open_clip_config.json"), "w") as handle:
-        json.dump(config, handle)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,23 @@ def open_clip_name(model: str) -> str:
     return f"local-dir:{model}" if is_local_dir(model) else model
 
 
+def save_open_clip_folder(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict,
+                          directory: str | os.PathLike) -> None:
+    """Write ``model`` as a local folder in open_clip's hub layout (``open_clip_config.json`` with
+    ``model_cfg`` and ``preprocess_cfg``, + ``open_clip_model.safetensors``): what ``clip:model=DIR``
+    (and :func:`load_open_clip`) reads."""
+    import json
+
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(directory, "open_clip_model.safetensors"))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    with open(os.path.join(directory, "open_clip_config.json"), "w") as handle:
+        json.dump(config, handle, indent=2)
+
+
 def load_open_clip(
     reward: str, model: str, pretrained: str | None, *, load_weights: bool = True, device: torch.device | str = "cpu"
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:

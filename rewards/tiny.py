@@ -47,6 +47,8 @@ _TINY_OPEN_CLIP_CFG = {
     "vision_cfg": {"image_size": TINY_IMAGE_SIZE, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+_TINY_OPEN_CLIP_PREPROCESS = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+                              "interpolation": "bicubic", "resize_mode": "shortest"}
 _QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                         "<|image_pad|>", "<|video_pad|>"]
 # A Qwen-style chat template: system/user/assistant turns, images as vision_start/image_pad/vision_end.
@@ -61,13 +63,10 @@ _QWEN_CHAT_TEMPLATE = (
 
 def save_tiny_open_clip(directory: str | os.PathLike, seed: int = TINY_SEED) -> Path:
     """Write a tiny open_clip CLIP (~1.7 M params) as ``open_clip_config.json`` + safetensors."""
-    from safetensors.torch import save_file
+    from .clip import save_open_clip_folder
 
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model = _tiny_open_clip(seed)
-    _write_open_clip_config(out)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+    save_open_clip_folder(_tiny_open_clip(seed), _TINY_OPEN_CLIP_CFG, _TINY_OPEN_CLIP_PREPROCESS, out)
     return out
 
 
@@ -337,9 +336,7 @@ def _tiny_open_clip(seed: int) -> torch.nn.Module:
 
 
 def _write_open_clip_config(out: Path) -> None:
-    preprocess = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
-                  "interpolation": "bicubic", "resize_mode": "shortest"}
-    config = {"model_cfg": _TINY_OPEN_CLIP_CFG, "preprocess_cfg": preprocess}
+    config = {"model_cfg": _TINY_OPEN_CLIP_CFG, "preprocess_cfg": _TINY_OPEN_CLIP_PREPROCESS}
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
 
 
