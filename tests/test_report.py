@@ -90,7 +90,7 @@ def test_report_draws_only_what_was_logged_and_cli_rebuilds_it(tmp_path, capsys)
 
 
 def test_every_checkpoint_rewrites_the_report(tmp_path):
-    from test_run import ToyProblem, toy_config
+    from run_toys import ToyProblem, toy_config
 
     from diffalign.run import Run
 
