@@ -212,6 +212,19 @@ def save_shapes_pipeline(pipe, out: Path) -> None:
     pipe.save_pretrained(out, safe_serialization=True)
     for module in _trainable_modules(pipe):
         module.to(torch.float32)
+    drop_source_paths(out)
+
+
+def drop_source_paths(folder: Path) -> None:
+    """Remove the ``_name_or_path`` diffusers writes into ``model_index.json`` and each component's
+    ``config.json`` (where the pipeline was loaded from: a stage folder of the build), so the files,
+    and so the content hash, do not depend on where a build ran."""
+    for path in [folder / "model_index.json", *sorted(folder.glob("*/config.json"))]:
+        if not path.is_file():
+            continue
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = None,
@@ -271,27 +284,93 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
     return manifest
 
 
+RECIPE_OPTIONS = ("seed", "steps", "batch_size", "learning_rate", "threads", "eval_seeds", "guidance_scale")
+
+
 def add_build_arguments(parser) -> None:
-    """The options of ``diffalign world build``."""
+    """The options of ``diffalign world build``: with none of ``RECIPE_OPTIONS`` (and no --init),
+    the shipped model's recipe; with any of them, one stage whose other options take
+    :class:`WorldBuildConfig`'s defaults."""
     parser.add_argument("--family", required=True, help="sd | sdxl | flux | sd3")
     parser.add_argument("--out", required=True, help="a new or empty folder for the diffusers model")
-    for field in ("seed", "steps", "batch_size", "threads", "eval_seeds"):
-        parser.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(WorldBuildConfig, field))
-    parser.add_argument("--learning-rate", type=float, default=WorldBuildConfig.learning_rate)
-    parser.add_argument("--guidance-scale", type=float, default=WorldBuildConfig.guidance_scale)
+    for field in RECIPE_OPTIONS:
+        kind = float if field in ("learning_rate", "guidance_scale") else int
+        parser.add_argument("--" + field.replace("_", "-"), type=kind, default=None,
+                            help=f"(default: the shipped recipe's; {getattr(WorldBuildConfig, field)} in a custom build)")
     parser.add_argument("--init", help="continue pretraining from this shapes folder (a build in stages)")
 
 
+def _stage_config(args, init: str | None) -> WorldBuildConfig:
+    given = {field: getattr(args, field) for field in RECIPE_OPTIONS if getattr(args, field) is not None}
+    return WorldBuildConfig(family=args.family, init=init, **given)
+
+
+def _stage_command(config: WorldBuildConfig) -> str:
+    return (f"diffalign world build --family {config.family} --seed {config.seed} --steps {config.steps} "
+            f"--batch-size {config.batch_size} --learning-rate {config.learning_rate:g} --threads {config.threads} "
+            f"--eval-seeds {config.eval_seeds} --guidance-scale {config.guidance_scale:g} --out DIR"
+            + (f" --init {config.init}" if config.init else ""))
+
+
+def shipped_recipe(family: str) -> list[str]:
+    """The build commands of the shipped ``shapes-<family>``, first stage first (its manifest's)."""
+    from diffalign.world_models import FAMILIES
+
+    if family not in FAMILIES:
+        raise UserError(f"world build: --family {family!r} is not one of {', '.join(FAMILIES)}")
+    path = SHIPPED_DIR / f"shapes-{family}" / MANIFEST
+    if not path.is_file():
+        raise UserError(f"world build: no shipped shapes-{family} to take a recipe from ({path} is missing); "
+                        f"give --steps (and the other options) for a custom build")
+    manifest = json.loads(path.read_text())
+    return list(manifest.get("previous_stages", [])) + [manifest["command"]]
+
+
+def build_shipped(family: str, out_dir: str | Path, log: Callable[[str], None] = _print,
+                  measure_scores: bool = True) -> dict:
+    """Rebuild the shipped ``shapes-<family>`` from scratch: every stage of its recipe in turn (the
+    earlier ones in a hidden sibling folder, removed at the end, their scores not measured), the
+    last into ``out_dir``; then compare the content hash with the shipped one. Returns the manifest."""
+    import argparse
+    import shlex
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"world build: {out} exists and is not empty; choose a new folder (nothing was written)")
+    commands = shipped_recipe(family)
+    parser = argparse.ArgumentParser(prog="diffalign world build")
+    add_build_arguments(parser)
+    stages = [parser.parse_args(shlex.split(command)[3:]) for command in commands]
+    work = out.parent / f".{out.name}.stages"
+    shutil.rmtree(work, ignore_errors=True)
+    start, previous = time.time(), None
+    try:
+        for k, (command, stage) in enumerate(zip(commands, stages), 1):
+            last = k == len(stages)
+            log(f"[{family}] stage {k}/{len(stages)}: {command}")
+            manifest = build(_stage_config(stage, previous), out if last else work / f"stage{k}", command=command,
+                             log=log, measure_scores=last and measure_scores)
+            previous = str(work / f"stage{k}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    shipped_manifest = json.loads((SHIPPED_DIR / f"shapes-{family}" / MANIFEST).read_text())
+    shipped = shipped_manifest["content_sha256"]
+    same = manifest["content_sha256"] == shipped
+    log(f"[{family}] {len(stages)} stages in {time.time() - start:.0f}s; content hash {manifest['content_sha256'][:12]} "
+        + ("matches the shipped weights" if same else
+           f"differs from the shipped {shipped[:12]} (the shipped ones were built with torch {shipped_manifest.get('torch', '?')}; "
+           "another torch build or CPU can change the float rounding)"))
+    return manifest
+
+
 def run_build(args) -> int:
-    """``diffalign world build``: pretrain one family from scratch, measure it, write DIR + manifest."""
-    config = WorldBuildConfig(family=args.family, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-                              threads=args.threads, eval_seeds=args.eval_seeds, learning_rate=args.learning_rate,
-                              guidance_scale=args.guidance_scale, init=args.init)
-    command = (f"diffalign world build --family {args.family} --seed {args.seed} --steps {args.steps} "
-               f"--batch-size {args.batch_size} --learning-rate {args.learning_rate:g} --threads {args.threads} "
-               f"--eval-seeds {args.eval_seeds} --guidance-scale {args.guidance_scale:g} --out DIR"
-               + (f" --init {args.init}" if args.init else ""))
-    build(config, args.out, command=command)
+    """``diffalign world build``: the shipped recipe (no recipe options) or one custom stage;
+    pretrain, measure, write DIR + manifest."""
+    if args.init is None and all(getattr(args, field) is None for field in RECIPE_OPTIONS):
+        build_shipped(args.family, args.out)
+        return 0
+    config = _stage_config(args, args.init)
+    build(config, args.out, command=_stage_command(config))
     return 0
 
 

@@ -100,3 +100,47 @@ def test_export_shapes_writes_a_diffusers_folder(tmp_path):
     assert main(["export-tiny", name, str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "model_index.json").read_text())["_class_name"].endswith("Pipeline")
     assert content_hash(tmp_path / "out") == json.loads((tmp_path / "out" / MANIFEST).read_text())["content_sha256"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_default_build_is_the_shipped_recipe(name):
+    """`diffalign world build --family F --out DIR` (no recipe options) runs the stages recorded in
+    the shipped manifest; its last stage parses to the settings that manifest records."""
+    import argparse
+    import shlex
+    from dataclasses import asdict
+
+    from diffalign.world import _stage_config, add_build_arguments, shipped_recipe
+
+    manifest = json.loads((SHAPES_ROOT / name / MANIFEST).read_text())
+    commands = shipped_recipe(manifest["config"]["family"])
+    assert commands == manifest["previous_stages"] + [manifest["command"]]
+    parser = argparse.ArgumentParser()
+    add_build_arguments(parser)
+    last = _stage_config(parser.parse_args(shlex.split(commands[-1])[3:]), init=None)
+    recorded = {k: v for k, v in manifest["config"].items() if k not in ("init", "start_step")}
+    assert {k: v for k, v in asdict(last).items() if k not in ("init", "start_step")} == recorded
+
+
+def test_a_staged_rebuild_reproduces_the_shipped_files(tmp_path, monkeypatch):
+    """A two-stage recipe (two steps each), built stage by stage, then rebuilt from scratch by
+    build_shipped: the same content hash, the same stage history, no stage folder left behind."""
+    import diffalign.world as world
+
+    commands = [f"diffalign world build --family sd --seed 0 --steps 2 --batch-size 2 --learning-rate {lr} --threads 1 "
+                f"--eval-seeds 1 --guidance-scale 1.5 --out DIR" for lr in ("0.001", "0.0005")]
+    commands[1] += " --init STAGE1"
+    first = build(WorldBuildConfig(family="sd", steps=2, batch_size=2, learning_rate=1e-3, threads=1, eval_seeds=1),
+                  tmp_path / "stage1", command=commands[0], log=lambda line: None, measure_scores=False)
+    shipped = build(WorldBuildConfig(family="sd", steps=2, batch_size=2, learning_rate=5e-4, threads=1, eval_seeds=1,
+                                     init=str(tmp_path / "stage1")),
+                    tmp_path / "shipped" / "shapes-sd", command=commands[1], log=lambda line: None, measure_scores=False)
+    assert shipped["previous_stages"] == [commands[0]] and first["content_sha256"] != shipped["content_sha256"]
+    monkeypatch.setattr(world, "SHIPPED_DIR", tmp_path / "shipped")
+    lines = []
+    rebuilt = world.build_shipped("sd", tmp_path / "again", log=lines.append, measure_scores=False)
+    assert rebuilt["content_sha256"] == shipped["content_sha256"] == content_hash(tmp_path / "again")
+    assert rebuilt["previous_stages"] == [commands[0]] and rebuilt["command"] == commands[1]
+    assert rebuilt["config"]["start_step"] == 2
+    assert any("matches the shipped weights" in line for line in lines), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "shipped", "stage1"]
