@@ -358,8 +358,8 @@ def build_shipped(family: str, out_dir: str | Path, log: Callable[[str], None] =
     same = manifest["content_sha256"] == shipped
     log(f"[{family}] {len(stages)} stages in {time.time() - start:.0f}s; content hash {manifest['content_sha256'][:12]} "
         + ("matches the shipped weights" if same else
-           f"differs from the shipped {shipped[:12]} (the shipped ones were built with torch {shipped_manifest.get('torch', '?')}; "
-           "another torch build or CPU can change the float rounding)"))
+           f"differs from the shipped {shipped[:12]} (built with torch {shipped_manifest.get('torch', '?')}; a different "
+           "torch build, CPU or version of the build code gives different files); its base scores are in its manifest"))
     return manifest
 
 
