@@ -249,8 +249,7 @@ def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prom
         from diffalign.rewards.clip import save_open_clip_folder
 
         folder = tempfile.TemporaryDirectory(prefix="bench-score-")
-        preprocess = {**reward.preprocess, "mean": list(reward.preprocess["mean"]), "std": list(reward.preprocess["std"])}
-        save_open_clip_folder(reward.model, get_model_config(open_clip_arch(name, args.size)), preprocess, folder.name)
+        save_open_clip_folder(reward.model, get_model_config(open_clip_arch(name, args.size)), reward.preprocess, folder.name)
         name, options = "clip", {"model": folder.name, "scale": 1.0, "batch_size": args.batch_size}
     command = [sys.executable, "-m", "diffalign.cli", "serve-reward", format_reward_spec(name, options), "--port", "0",
                "--max-batch", str(args.batch_size), "--device", args.device]

@@ -39,16 +39,20 @@ def save_open_clip_folder(model: torch.nn.Module, model_cfg: dict, preprocess_cf
     """Write ``model`` as a local folder in open_clip's hub layout (``open_clip_config.json`` with
     ``model_cfg`` and ``preprocess_cfg``, + ``open_clip_model.safetensors``): what ``clip:model=DIR``
     (and :func:`load_open_clip`) reads."""
-    import json
-
     from safetensors.torch import save_file
 
-    os.makedirs(directory, exist_ok=True)
+    write_open_clip_config(directory, model_cfg, preprocess_cfg)
     save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
               os.path.join(directory, "open_clip_model.safetensors"))
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+
+
+def write_open_clip_config(directory: str | os.PathLike, model_cfg: dict, preprocess_cfg: dict) -> None:
+    """``open_clip_config.json`` (open_clip's hub layout) in ``directory``, which it creates."""
+    import json
+
+    os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "open_clip_config.json"), "w") as handle:
-        json.dump(config, handle, indent=2)
+        json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, handle, indent=2)
 
 
 def load_open_clip(

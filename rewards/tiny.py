@@ -23,7 +23,6 @@ Everything is seeded and deterministic. ``tiny_reward(name)`` builds (once, cach
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -72,9 +71,10 @@ def save_tiny_open_clip(directory: str | os.PathLike, seed: int = TINY_SEED) -> 
 
 def save_tiny_hps(directory: str | os.PathLike, seed: int = TINY_SEED) -> Path:
     """Write ``open_clip_config.json`` + an HPS-format checkpoint; returns the checkpoint path."""
+    from .clip import write_open_clip_config
+
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_open_clip_config(out)
+    write_open_clip_config(out, _TINY_OPEN_CLIP_CFG, _TINY_OPEN_CLIP_PREPROCESS)
     checkpoint = out / "HPS_v2.1_compressed.pt"
     torch.save({"state_dict": _tiny_open_clip(seed + 1).state_dict()}, checkpoint)
     return checkpoint
@@ -333,11 +333,6 @@ def _tiny_open_clip(seed: int) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     return CLIP(**_TINY_OPEN_CLIP_CFG).eval()
-
-
-def _write_open_clip_config(out: Path) -> None:
-    config = {"model_cfg": _TINY_OPEN_CLIP_CFG, "preprocess_cfg": _TINY_OPEN_CLIP_PREPROCESS}
-    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
 
 
 def _byte_level_chars() -> list[str]:
