@@ -227,6 +227,14 @@ def drop_source_paths(folder: Path) -> None:
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _new_folder(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path; a one-line error if it exists and holds anything."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"world build: {out} exists and is not empty; choose a new folder (nothing was written)")
+    return out
+
+
 def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = None,
           log: Callable[[str], None] = _print, measure_scores: bool = True) -> dict:
     """Build one shapes model from scratch into ``out_dir`` (which must not exist or be empty);
@@ -240,9 +248,7 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
 
     if config.family not in FAMILIES:
         raise UserError(f"world build: --family {config.family!r} is not one of {', '.join(FAMILIES)}")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"world build: {out} exists and is not empty; choose a new folder (nothing was written)")
+    out = _new_folder(out_dir)
     torch.set_num_threads(config.threads)
     tmp = out.parent / f".{out.name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -312,8 +318,13 @@ def _stage_command(config: WorldBuildConfig) -> str:
             + (f" --init {config.init}" if config.init else ""))
 
 
-def shipped_recipe(family: str) -> list[str]:
-    """The build commands of the shipped ``shapes-<family>``, first stage first (its manifest's)."""
+def recipe_commands(manifest: dict) -> list[str]:
+    """The build commands a manifest records, first stage first."""
+    return list(manifest.get("previous_stages", [])) + [manifest["command"]]
+
+
+def _shipped_manifest(family: str) -> dict:
+    """The manifest of the shipped ``shapes-<family>`` (a one-line error for an unknown family)."""
     from diffalign.world_models import FAMILIES
 
     if family not in FAMILIES:
@@ -322,8 +333,7 @@ def shipped_recipe(family: str) -> list[str]:
     if not path.is_file():
         raise UserError(f"world build: no shipped shapes-{family} to take a recipe from ({path} is missing); "
                         f"give --steps (and the other options) for a custom build")
-    manifest = json.loads(path.read_text())
-    return list(manifest.get("previous_stages", [])) + [manifest["command"]]
+    return json.loads(path.read_text())
 
 
 def build_shipped(family: str, out_dir: str | Path, log: Callable[[str], None] = _print,
@@ -334,10 +344,9 @@ def build_shipped(family: str, out_dir: str | Path, log: Callable[[str], None] =
     import argparse
     import shlex
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"world build: {out} exists and is not empty; choose a new folder (nothing was written)")
-    commands = shipped_recipe(family)
+    out = _new_folder(out_dir)  # checked now, not after the earlier stages' hours
+    shipped = _shipped_manifest(family)
+    commands = recipe_commands(shipped)
     parser = argparse.ArgumentParser(prog="diffalign world build")
     add_build_arguments(parser)
     stages = [parser.parse_args(shlex.split(command)[3:]) for command in commands]
@@ -353,13 +362,12 @@ def build_shipped(family: str, out_dir: str | Path, log: Callable[[str], None] =
             previous = str(work / f"stage{k}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    shipped_manifest = json.loads((SHIPPED_DIR / f"shapes-{family}" / MANIFEST).read_text())
-    shipped = shipped_manifest["content_sha256"]
-    same = manifest["content_sha256"] == shipped
+    same = manifest["content_sha256"] == shipped["content_sha256"]
     log(f"[{family}] {len(stages)} stages in {time.time() - start:.0f}s; content hash {manifest['content_sha256'][:12]} "
         + ("matches the shipped weights" if same else
-           f"differs from the shipped {shipped[:12]} (built with torch {shipped_manifest.get('torch', '?')}; a different "
-           "torch build, CPU or version of the build code gives different files); its base scores are in its manifest"))
+           f"differs from the shipped {shipped['content_sha256'][:12]} (built with torch {shipped.get('torch', '?')}; "
+           "a different torch build, CPU or version of the build code gives different files); its base scores are "
+           "in its manifest"))
     return manifest
 
 

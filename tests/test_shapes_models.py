@@ -110,10 +110,11 @@ def test_the_default_build_is_the_shipped_recipe(name):
     import shlex
     from dataclasses import asdict
 
-    from diffalign.world import _stage_config, add_build_arguments, shipped_recipe
+    from diffalign.world import _shipped_manifest, _stage_config, add_build_arguments, recipe_commands
 
     manifest = json.loads((SHAPES_ROOT / name / MANIFEST).read_text())
-    commands = shipped_recipe(manifest["config"]["family"])
+    assert _shipped_manifest(manifest["config"]["family"]) == manifest
+    commands = recipe_commands(manifest)
     assert commands == manifest["previous_stages"] + [manifest["command"]]
     parser = argparse.ArgumentParser()
     add_build_arguments(parser)
