@@ -1,5 +1,5 @@
 # Development set-up in one command each (a fresh machine needs only python3 >= 3.10):
-#   make quickstart   create .venv, install, train configs/quickstart.yaml on the embedded tiny FLUX
+#   make quickstart   create .venv, install, train configs/quickstart.yaml on the shapes world (shapes-sd)
 #   make test         create .venv, install, run the whole test suite (what CI runs)
 # TORCH pins the torch pair this machine's pip takes from local disk; on a GPU machine use e.g.
 #   make test TORCH="torch torchvision"

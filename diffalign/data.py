@@ -8,7 +8,7 @@ Preference pairs come from
   relative to the manifest;
 * ``builtin:brightness``: a small preference set the project makes itself (smooth colour fields
   ranked by the ``brightness`` reward), written as a JSONL manifest so it takes the same path;
-* ``builtin:shapes`` (``builtin:shapes-sdxl`` ...): pairs sampled from a shapes-world base model
+* ``builtin:shapes`` (``builtin:shapes-sdxl`` ..., each also with ``-correct``): pairs sampled from a shapes-world base model
   and ranked by ``shapes_geneval`` (``diffalign.world_data``), written as Pick-a-Pic parquet.
 
 Both images of a pair get identical augmentation (one resize, one crop, one flip). Randomness is

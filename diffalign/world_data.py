@@ -4,7 +4,10 @@
 sampled from a shipped base model and ranked by the gold ``shapes_geneval`` (partial credit, so
 "two of three constraints" beats "one"): for each alignment-training prompt, ``group_size``
 images from consecutive seeds, the best against the worst; equal scores are a tie and are
-dropped. ``diffalign world pairs`` writes the same rows as parquet for other tools.
+dropped. ``builtin:shapes-correct`` (``builtin:shapes-sdxl-correct``, ...): ``CORRECT_GROUPS``
+rounds of groups of ``CORRECT_GROUP_SIZE``, and every image that meets all of its prompt's
+constraints against its group's worst (the base model's own correct samples, as preferred
+images). ``diffalign world pairs`` writes the same rows as parquet for other tools.
 
 ``diffalign world compare`` samples the alignment-evaluation prompts from the base model and from
 base + LoRA with the same seeds, prints the mean ``shapes_geneval`` of both and writes the image
@@ -24,6 +27,11 @@ from diffalign.errors import UserError
 from diffalign.world import SHAPES_GUIDANCE
 
 PAIRS_VERSION = 1
+CORRECT_SUFFIX = "-correct"
+CORRECT_GROUPS, CORRECT_GROUP_SIZE = 8, 8
+# sampled without CFG in 10 steps: a quarter of the CFG-1.5, 20-step cost, and as often correct
+CORRECT_SAMPLING = {"num_steps": 10, "guidance_scale": 1.0}
+CORRECT_SET = {"groups": CORRECT_GROUPS, "group_size": CORRECT_GROUP_SIZE, "correct": True, **CORRECT_SAMPLING}
 
 
 def _png(image) -> bytes:
@@ -37,9 +45,10 @@ def _png(image) -> bytes:
 
 def shapes_preference_rows(model: str = "shapes-sd", prompts: Sequence[str] | None = None, groups: int = 4,
                            group_size: int = 4, seed: int = 0, num_steps: int = 20,
-                           guidance_scale: float = SHAPES_GUIDANCE) -> list[dict]:
+                           guidance_scale: float = SHAPES_GUIDANCE, correct: bool = False) -> list[dict]:
     """Pick-a-Pic rows {caption, jpg_0, jpg_1 (PNG bytes), label_0 (1: jpg_0 wins)} sampled from
-    ``model`` on ``prompts`` (default: the alignment-training prompts), ties dropped."""
+    ``model`` on ``prompts`` (default: the alignment-training prompts), ties dropped; ``correct``:
+    see :func:`rank_groups`."""
     import torch
 
     from diffalign.pipelines.loading import load_policy
@@ -52,17 +61,20 @@ def shapes_preference_rows(model: str = "shapes-sd", prompts: Sequence[str] | No
     all_prompts = [p for p, _ in jobs for _ in range(group_size)]
     all_seeds = [s + k for _, s in jobs for k in range(group_size)]
     images = sample_world(policy, all_prompts, all_seeds, num_steps, guidance_scale)
-    rows = rank_groups(images, all_prompts, group_size)
+    rows = rank_groups(images, all_prompts, group_size, correct=correct)
     if not rows:
-        raise UserError(f"{model}: every group of samples tied under shapes_geneval; no pairs to write")
+        what = "no sample met every constraint of its prompt" if correct else "every group of samples tied under shapes_geneval"
+        raise UserError(f"{model}: {what}; no pairs to write (sample more groups, or drop --correct)")
     return rows
 
 
-def rank_groups(images, prompts: Sequence[str], group_size: int) -> list[dict]:
+def rank_groups(images, prompts: Sequence[str], group_size: int, correct: bool = False) -> list[dict]:
     """Pick-a-Pic rows from consecutive groups of ``group_size`` images of one prompt each
-    (images [N, 3, H, W] in [0, 1]): best vs worst by ``shapes_geneval`` partial credit; a group
-    whose best and worst score the same is a tie and gives no row. jpg_0 is the winner in even
-    rows and the loser in odd ones, so label_0 is not constant."""
+    (images [N, 3, H, W] in [0, 1]), scored by ``shapes_geneval`` partial credit. Default: the
+    group's best vs its worst. ``correct``: every image that meets all of its prompt's constraints
+    (GenEval's strict 1) vs the group's worst, so a group gives 0..group_size-1 rows. A group whose
+    best and worst score the same is a tie and gives no row. jpg_0 is the winner in even rows and
+    the loser in odd ones, so label_0 is not constant."""
     from diffalign.rewards import load_reward
 
     scores = load_reward("shapes_geneval:partial=true")(images, list(prompts)).view(-1, group_size)
@@ -71,12 +83,14 @@ def rank_groups(images, prompts: Sequence[str], group_size: int) -> list[dict]:
         best, worst = int(scores[j].argmax()), int(scores[j].argmin())
         if scores[j, best] == scores[j, worst]:
             continue
-        a, b = images[j * group_size + best], images[j * group_size + worst]
-        prompt = prompts[j * group_size]
-        if len(rows) % 2:
-            rows.append({"caption": prompt, "jpg_0": _png(b), "jpg_1": _png(a), "label_0": 0.0})
-        else:
-            rows.append({"caption": prompt, "jpg_0": _png(a), "jpg_1": _png(b), "label_0": 1.0})
+        winners = [k for k in range(group_size) if scores[j, k] == 1.0] if correct else [best]
+        for k in winners:
+            a, b = images[j * group_size + k], images[j * group_size + worst]
+            prompt = prompts[j * group_size]
+            if len(rows) % 2:
+                rows.append({"caption": prompt, "jpg_0": _png(b), "jpg_1": _png(a), "label_0": 0.0})
+            else:
+                rows.append({"caption": prompt, "jpg_0": _png(a), "jpg_1": _png(b), "label_0": 1.0})
     return rows
 
 
@@ -100,23 +114,28 @@ def write_pairs_parquet(rows: list[dict], out_dir: str | os.PathLike) -> Path:
 
 
 def builtin_shapes_pairs(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The folder of ``builtin:NAME`` (``shapes`` = from shapes-sd, ``shapes-FAMILY``), built once."""
+    """The folder of ``builtin:NAME`` (``shapes`` = from shapes-sd, ``shapes-FAMILY``, either with
+    ``-correct``), built once."""
     from diffalign.pipelines.loading import SHAPES_MODELS, shapes_model_dir
     from diffalign.pipelines.tiny import cache_root
 
-    model = "shapes-sd" if name == "shapes" else name
+    correct = name.endswith(CORRECT_SUFFIX)
+    base = name[:-len(CORRECT_SUFFIX)] if correct else name
+    model = "shapes-sd" if base == "shapes" else base
     if model not in SHAPES_MODELS:
+        names = ["shapes", *SHAPES_MODELS[1:]]
         raise UserError(f"data.source: unknown built-in set 'builtin:{name}'; available: builtin:brightness, "
-                        f"builtin:shapes, {', '.join('builtin:' + m for m in SHAPES_MODELS[1:])}")
+                        f"{', '.join('builtin:' + m for m in names)}, and each shapes one with {CORRECT_SUFFIX}")
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     # keyed by the shipped weights' hash too: pairs sampled from an older build are never reused
     weights = json.loads((shapes_model_dir(model) / "manifest.json").read_text())["content_sha256"][:12]
-    folder = root / f"builtin-{model}-pairs-v{PAIRS_VERSION}-{weights}"
+    kind = CORRECT_SUFFIX if correct else ""
+    folder = root / f"builtin-{model}{kind}-pairs-v{PAIRS_VERSION}-{weights}"
     if (folder / "train.parquet").exists():
         return folder
-    tmp = root / f".builtin-{model}-{os.getpid()}.tmp"
+    tmp = root / f".builtin-{model}{kind}-{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_pairs_parquet(shapes_preference_rows(model), tmp)
+    write_pairs_parquet(shapes_preference_rows(model, **(CORRECT_SET if correct else {})), tmp)
     try:
         os.rename(tmp, folder)
     except OSError:
@@ -164,7 +183,13 @@ def add_world_commands(world_commands) -> None:
     pairs = world_commands.add_parser("pairs", help="write builtin:shapes preference pairs as Pick-a-Pic parquet")
     pairs.add_argument("--model", default="shapes-sd", help="a shapes model (shapes-sd, shapes-sdxl, ...)")
     pairs.add_argument("--out", required=True, help="a new or empty folder; train.parquet is written inside")
-    pairs.add_argument("--groups", type=int, default=4, help="sampling rounds over the alignment-training prompts")
+    pairs.add_argument("--groups", type=int, help="sampling rounds over the alignment-training prompts "
+                       f"(default 4; with --correct {CORRECT_GROUPS})")
+    pairs.add_argument("--group-size", type=int, help=f"images per prompt in each round (default 4; with --correct "
+                       f"{CORRECT_GROUP_SIZE})")
+    pairs.add_argument("--correct", action="store_true",
+                       help="every image that meets all its prompt's constraints vs its group's worst, sampled as "
+                            "builtin:shapes-correct is (default: each group's best vs its worst)")
     pairs.add_argument("--seed", type=int, default=0)
     pairs.set_defaults(func=_cmd_pairs)
     compare = world_commands.add_parser("compare", help="held-out shapes_geneval of base vs base + LoRA, and the grid")
@@ -177,7 +202,12 @@ def add_world_commands(world_commands) -> None:
 
 
 def _cmd_pairs(args) -> int:
-    rows = shapes_preference_rows(args.model, groups=args.groups, seed=args.seed)
+    sizes = dict(CORRECT_SET) if args.correct else {"groups": 4, "group_size": 4}
+    sizes.update({k: v for k, v in (("groups", args.groups), ("group_size", args.group_size)) if v is not None})
+    for flag, key, least in (("--groups", "groups", 1), ("--group-size", "group_size", 2)):
+        if sizes[key] < least:
+            raise UserError(f"world pairs: {flag} {sizes[key]} is too small; use at least {least}")
+    rows = shapes_preference_rows(args.model, seed=args.seed, **sizes)
     path = write_pairs_parquet(rows, args.out)
     print(f"wrote {len(rows)} pairs (ties dropped) to {path}")
     return 0

@@ -401,27 +401,6 @@ def test_every_recipe_trains_with_each_loss_and_evaluates_held_out_pairs(tmp_pat
     assert evals[0]["eval/dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA at zero = reference
 
 
-def test_quickstart_recipe_brightens_images_sampled_on_new_prompts(tmp_path):
-    """The shipped quickstart (configs/quickstart.yaml), cut to 60 of its 200 steps: what it prints
-    as eval/brightness (4 prompts it never trained on x 4 seeds, sampled from the model before and
-    after) rises, and so does the held-out preference accuracy; before_after.png is written.
-    Measured on the full recipe: brightness 0.5275 -> 0.5757, accuracy 0.664 -> 0.836."""
-    from diffalign.trainers.diffusion_dpo import DiffusionDPOTrainer
-
-    root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "configs" / "quickstart.yaml",
-                      [f"output_dir={tmp_path / 'qs'}", "train.max_steps=60", "train.checkpoint_every=0",
-                       "logging.sample_every=0", "data.num_workers=0"])
-    DiffusionDPOTrainer(cfg).train()
-    evals = [r for r in map(json.loads, (tmp_path / "qs" / "metrics.jsonl").read_text().splitlines())
-             if "eval/brightness" in r]
-    before, after = evals[0], evals[-1]
-    assert (before["step"], after["step"]) == (0, 60)
-    assert after["eval/brightness"] > before["eval/brightness"] + 0.01, (before, after)
-    assert after["eval/pref_acc"] > before["eval/pref_acc"]
-    assert (tmp_path / "qs" / "before_after.png").is_file()
-
-
 def test_dpo_on_brighter_wins_pairs_brightens_sampled_images(tmp_path):
     """The direction on *sampled* images: 30 DPO steps on builtin:brightness (the brighter image
     wins) on tiny-flux raise the mean brightness of 4-step samples of fixed prompts and seeds

@@ -54,7 +54,7 @@ def test_readme_tour_runs_as_written(tmp_path):
     run = tmp_path / "runs" / "quickstart"
     for name in ("config.yaml", "metrics.jsonl", "report.html", "final/pytorch_lora_weights.safetensors"):
         assert (run / name).is_file(), name
-    assert (run / "checkpoints").is_dir() and (tmp_path / "cat.png").is_file() and (tmp_path / "cat-diffusers.png").is_file()
+    assert (run / "checkpoints").is_dir() and (tmp_path / "shapes.png").is_file() and (tmp_path / "shapes-diffusers.png").is_file()
     assert sorted(p.name for p in (tmp_path / "samples" / "dpo").iterdir()) == ["00000.png", "00001.png", "00002.png", "prompts.txt"]
     for table in ("base.csv", "dpo.csv"):
         assert len((tmp_path / table).read_text().splitlines()) == 4  # a header and one row per image

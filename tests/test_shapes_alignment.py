@@ -1,11 +1,13 @@
 """Alignment on the shapes world: the learned reward, the builtin:shapes pairs, the recipes' prompt sets."""
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffalign.config import load_config
 from diffalign.errors import UserError
@@ -84,12 +86,38 @@ def test_pairs_are_best_vs_worst_by_the_gold_reward_ties_dropped(tmp_path):
         write_pairs_parquet(rows, tmp_path / "pairs")
 
 
+def test_correct_pairs_prefer_every_correct_image_to_the_group_worst():
+    """``correct=True`` (builtin:shapes-correct, the quickstart's pairs): each image meeting all
+    its prompt's constraints is a winner against the group's worst; a group with none gives none."""
+    from diffalign.world_data import rank_groups
+
+    prompts = ["a blue circle and a red square", "a yellow triangle"]
+    blank = np.full((64, 64, 3), 232, dtype=np.uint8)
+    swapped = draw("a red circle and a blue square", 3)  # both objects there, colours swapped: partial 0.5
+    groups = [draw(prompts[0], 0), swapped, blank, draw(prompts[0], 2)]
+    groups += [draw("a yellow circle", 1), blank, draw("a green triangle", 4), blank]  # nothing correct
+    images = to_tensor(groups)
+    captions = [p for p in prompts for _ in range(4)]
+    rows = rank_groups(images, captions, 4, correct=True)
+    assert [r["caption"] for r in rows] == [prompts[0]] * 2 and [r["label_0"] for r in rows] == [1.0, 0.0]
+    gold = load_reward("shapes_geneval")
+    decode = lambda png: to_tensor([np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))])  # noqa: E731
+    winners = [decode(r["jpg_0"] if r["label_0"] else r["jpg_1"]) for r in rows]
+    losers = [decode(r["jpg_1"] if r["label_0"] else r["jpg_0"]) for r in rows]
+    assert all(gold(w, [prompts[0]]).item() == 1.0 for w in winners)
+    assert all(torch.equal(loser, images[2:3]) for loser in losers)  # the blank: worst
+    # the default keeps one pair per group: best vs worst (the yellow-triangle group's best is partial 0.5)
+    assert [r["caption"] for r in rank_groups(images, captions, 4)] == prompts
+
+
 def test_builtin_shapes_is_a_data_source():
     from diffalign.errors import UserError as Error
     from diffalign.world_data import builtin_shapes_pairs
 
     with pytest.raises(Error, match="unknown built-in set 'builtin:shapes-xl'"):
         builtin_shapes_pairs("shapes-xl")
+    with pytest.raises(Error, match="unknown built-in set 'builtin:shapes-xl-correct'.*with -correct"):
+        builtin_shapes_pairs("shapes-xl-correct")
 
 
 @pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="shapes_pref weights are not shipped in this checkout")
