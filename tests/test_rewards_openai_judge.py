@@ -56,6 +56,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
             server.bodies.append(body)
+        self.counted = True
         try:
             if server.delay:
                 time.sleep(server.delay)
@@ -76,10 +77,18 @@ class ChatHandler(BaseHTTPRequestHandler):
                               "choices": [{"index": 0, "finish_reason": "stop",
                                            "message": {"role": "assistant", "content": text}}]})
         finally:
-            with server.lock:
-                server.in_flight -= 1
+            self.leave()
+
+    def leave(self):
+        """The request stops counting as in flight once its answer starts: the client may send its
+        next request as soon as the answer arrives, before this thread would reach a ``finally``."""
+        if getattr(self, "counted", False):
+            self.counted = False
+            with self.server.lock:
+                self.server.in_flight -= 1
 
     def answer(self, status, payload):
+        self.leave()
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
