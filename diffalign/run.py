@@ -156,6 +156,8 @@ class Run:
         self.accelerator = Accelerator(
             mixed_precision=cfg.train.mixed_precision, log_with=report_to or None, project_dir=str(self.out_dir)
         )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _destroy_process_group_at_exit()
         self.device = self.accelerator.device
         self.weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
         self.is_main = self.accelerator.is_main_process
@@ -590,6 +592,26 @@ class Run:
         self._restore_signal_handlers()
         if self in _LIVE_RUNS:
             _LIVE_RUNS.remove(self)
+
+
+_EXIT_HOOK: list[bool] = []
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Register (once per process) an exit hook that destroys the process group while the
+    interpreter is still whole. Without it, gloo's worker threads can outlive finalisation and the
+    process dies with "terminate called without an active exception" (SIGABRT) after a run that
+    succeeded, which the launcher reports as a failed rank."""
+    if _EXIT_HOOK:
+        return
+    import atexit
+
+    def destroy() -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
+    _EXIT_HOOK.append(True)
 
 
 def abort_live_runs() -> None:
