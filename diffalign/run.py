@@ -33,6 +33,8 @@ or scheduler to ``accelerator.prepare`` either: the scheduler steps once per opt
 
 from __future__ import annotations
 
+import atexit
+import functools
 import importlib.util
 import json
 import math
@@ -594,24 +596,18 @@ class Run:
             _LIVE_RUNS.remove(self)
 
 
-_EXIT_HOOK: list[bool] = []
-
-
+@functools.cache
 def _destroy_process_group_at_exit() -> None:
     """Register (once per process) an exit hook that destroys the process group while the
     interpreter is still whole. Without it, gloo's worker threads can outlive finalisation and the
     process dies with "terminate called without an active exception" (SIGABRT) after a run that
     succeeded, which the launcher reports as a failed rank."""
-    if _EXIT_HOOK:
-        return
-    import atexit
+    atexit.register(_destroy_process_group)
 
-    def destroy() -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
-    atexit.register(destroy)
-    _EXIT_HOOK.append(True)
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def abort_live_runs() -> None:

@@ -84,13 +84,13 @@ def rank_groups(images, prompts: Sequence[str], group_size: int, correct: bool =
         if scores[j, best] == scores[j, worst]:
             continue
         winners = [k for k in range(group_size) if scores[j, k] == 1.0] if correct else [best]
+        prompt, loser = prompts[j * group_size], _png(images[j * group_size + worst])
         for k in winners:
-            a, b = images[j * group_size + k], images[j * group_size + worst]
-            prompt = prompts[j * group_size]
+            winner = _png(images[j * group_size + k])
             if len(rows) % 2:
-                rows.append({"caption": prompt, "jpg_0": _png(b), "jpg_1": _png(a), "label_0": 0.0})
+                rows.append({"caption": prompt, "jpg_0": loser, "jpg_1": winner, "label_0": 0.0})
             else:
-                rows.append({"caption": prompt, "jpg_0": _png(a), "jpg_1": _png(b), "label_0": 1.0})
+                rows.append({"caption": prompt, "jpg_0": winner, "jpg_1": loser, "label_0": 1.0})
     return rows
 
 
