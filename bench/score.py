@@ -162,17 +162,25 @@ def raw_forward(reward: Reward, images: torch.Tensor, prompts: list[str]) -> Cal
 
 def throughput(fn: Callable[[], object], count: int, device: torch.device, repeats: int) -> float:
     """Images per second of ``fn`` (which processes ``count`` images): best of ``repeats`` after a warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    return interleaved([fn], count, device, repeats)[0]
+
+
+def interleaved(fns: list[Callable[[], object]], count: int, device: torch.device, repeats: int) -> list[float]:
+    """Images per second of each of ``fns``, measured in turn within each repeat (best of
+    ``repeats`` after a warm-up), so that all of them see the same state of a shared machine."""
+    for fn in fns:
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return count / best
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for index, fn in enumerate(fns):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return [count / seconds for seconds in best]
 
 
 def main() -> None:
@@ -221,19 +229,23 @@ def main() -> None:
     print(f"  raw forward      {raw:10.1f} images/s")
     print(f"  batched / raw    {batched / raw:10.3f}  (goal >= 0.9)")
     if args.remote:
-        whole, split = remote_throughput(args, name, options, images, prompts, reward)
-        print(f"  remote ({args.encoding}), diffalign serve-reward in a second process, max batch {step}:")
+        local, whole, split = remote_throughput(args, name, options, images, prompts, reward)
+        print(f"  remote ({args.encoding}), diffalign serve-reward in a second process, max batch {step}, "
+              f"measured in turn with in-process calls:")
+        print(f"    in-process            {local:10.1f} images/s  (the batched call again, beside the idle server)")
         print(f"    one request per call  {whole:10.1f} images/s  (the client's default; the server cuts it into batches)")
         print(f"    requests of {step:<4}      {split:10.1f} images/s  (request_size={step}, 4 in flight)")
-        print(f"  remote / in-process {whole / batched:7.3f}  one request per call (goal >= 0.8)")
-        print(f"  remote / in-process {split / batched:7.3f}  requests of {step}: each pays the HTTP round trip")
+        print(f"  remote / in-process {whole / local:7.3f}  one request per call (goal >= 0.8)")
+        print(f"  remote / in-process {split / local:7.3f}  requests of {step}: each pays the HTTP round trip")
 
 
 def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prompts: list[str],
-                      reward: Reward) -> tuple[float, float]:
+                      reward: Reward) -> tuple[float, float, float]:
     """Images per second of the ``remote`` reward against a ``diffalign serve-reward`` subprocess
-    serving the same reward spec (max batch = --batch-size): (one request per call, requests of
-    --batch-size images)."""
+    serving the same reward spec (max batch = --batch-size): (in-process, one request per call,
+    requests of --batch-size images), measured in turn in each repeat. On a shared CPU the speed of
+    the machine drifts by 20-30% between runs; measured one after the other, the ratio moved with
+    it (0.46-0.76 for the tiny CLIP over sessions), measured in turn it does not."""
     import re
     import subprocess
 
@@ -251,6 +263,8 @@ def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prom
         folder = tempfile.TemporaryDirectory(prefix="bench-score-")
         save_open_clip_folder(reward.model, get_model_config(open_clip_arch(name, args.size)), reward.preprocess, folder.name)
         name, options = "clip", {"model": folder.name, "scale": 1.0, "batch_size": args.batch_size}
+    elif "batch_size" in (get_reward_entry(name).options or ()):  # the server's reward scores batches of
+        options = {"batch_size": args.batch_size, **options}  # --batch-size too, like the in-process one
     command = [sys.executable, "-m", "diffalign.cli", "serve-reward", format_reward_spec(name, options), "--port", "0",
                "--max-batch", str(args.batch_size), "--device", args.device]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -262,8 +276,8 @@ def remote_throughput(args, name: str, options: dict, images: torch.Tensor, prom
         spec = f"remote:url={match.group(1)},encoding={args.encoding}"
         whole, split = load_reward(spec), load_reward(f"{spec},request_size={args.batch_size}")
         with torch.no_grad():
-            return tuple(throughput(lambda: client(images, prompts), len(prompts), torch.device("cpu"), args.repeats)
-                         for client in (whole, split))
+            return tuple(interleaved([lambda c=client: c(images, prompts) for client in (reward, whole, split)],
+                                     len(prompts), torch.device(args.device), args.repeats))
     finally:
         server.terminate()
         server.wait(timeout=60)

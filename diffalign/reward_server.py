@@ -50,7 +50,7 @@ class Piece:
     """At most ``max_batch`` images of one request, waiting for the worker."""
 
     kind: str  # "score" | "compare"
-    images: "torch.Tensor"  # [n, 3, H, W]
+    images: "torch.Tensor"  # [n, 3, H, W] float, or as parsed off the wire until the worker takes it
     prompts: list[str]
     images_b: "torch.Tensor | None"
     future: asyncio.Future = field(repr=False)  # of the event loop that took the request
@@ -75,9 +75,10 @@ class Piece:
 class Batcher:
     """Scores queued pieces in batches of up to ``max_batch`` images, on one thread.
 
-    The event loop only decodes requests (numpy), queues pieces and awaits their futures;
-    :meth:`run` (blocking) checks, batches and scores them, so every torch kernel runs on one
-    thread. ``diffalign serve-reward`` runs it on the main thread, which loaded the reward, and the
+    The event loop only parses requests (numpy), queues pieces and awaits their futures;
+    :meth:`run` (blocking) converts their images to float, checks, batches and scores them, so
+    every torch kernel runs on one thread. ``diffalign serve-reward`` runs it on the main thread,
+    which loaded the reward, and the
     event loop on another. The reason: each thread that runs a parallel torch kernel keeps its own
     OpenMP team, and once the teams hold more threads than there are cores, libgomp stops spinning
     between kernels and every kernel waits for its threads to wake. The tiny CLIP then scored 32
@@ -132,13 +133,22 @@ class Batcher:
                 return piece
 
     def _valid(self, piece: Piece) -> bool:
-        from diffalign.rewards.base import check_images, check_pair
+        import torch
 
+        from diffalign.rewards.base import check_images, check_shapes
+        from diffalign.rewards.remote import wire_to_images
+
+        # 8-bit images are in [0, 1] by construction, so only float ones get the range check (a pass
+        # over the pixels; the reward repeats every check when it scores them, this one answers a bad
+        # piece alone instead of failing its whole batch)
+        check = check_shapes if piece.images.dtype == torch.uint8 else check_images
+        piece.images = wire_to_images(piece.images)  # here, on the worker's thread: a torch kernel
+        if piece.images_b is not None:
+            piece.images_b = wire_to_images(piece.images_b)
         try:
-            if piece.kind == "compare":
-                check_pair(piece.images, piece.images_b, piece.prompts, self.reward.name)
-            else:
-                check_images(piece.images, piece.prompts, self.reward.name)
+            for images in (piece.images, piece.images_b):
+                if images is not None:
+                    check(images, piece.prompts, self.reward.name)
         except UserError as error:
             with self.lock:
                 self.queued_images -= len(piece.prompts)
@@ -220,7 +230,7 @@ def create_app(reward: Any, *, max_batch: int = 32, max_wait_ms: float = 5.0, ba
 
     from fastapi import FastAPI, HTTPException, Request
 
-    from diffalign.rewards.remote import PayloadError, decode_request
+    from diffalign.rewards.remote import PayloadError, parse_request
 
     if not isinstance(max_batch, int) or max_batch < 1:
         raise UserError(f"--max-batch must be a positive integer, got {max_batch!r}")
@@ -245,7 +255,7 @@ def create_app(reward: Any, *, max_batch: int = 32, max_wait_ms: float = 5.0, ba
     async def handle(request: Request, kind: str) -> list[float]:
         body = await request.body()
         try:  # numpy only: see Batcher for why this thread runs no torch kernels
-            images, prompts, images_b = decode_request(body, request.headers.get("content-type", ""), kind == "compare")
+            images, prompts, images_b = parse_request(body, request.headers.get("content-type", ""), kind == "compare")
         except PayloadError as error:
             raise HTTPException(status_code=400, detail=str(error)) from error
         try:

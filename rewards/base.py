@@ -143,6 +143,18 @@ class Reward(torch.nn.Module):
 
 def check_images(images: torch.Tensor, prompts: list[str], name: str) -> None:
     """Raise :class:`UserError` unless images is [B, 3, H, W] float in [0, 1] with B prompts."""
+    check_shapes(images, prompts, name)
+    if images.numel() > 0:
+        low, high = torch.aminmax(images.detach())
+        if low.item() < -_RANGE_TOLERANCE or high.item() > 1 + _RANGE_TOLERANCE:
+            raise UserError(
+                f"reward '{name}': images must be in [0, 1], got values in [{low.item():.3f}, {high.item():.3f}] "
+                f"(images in [-1, 1]? pass (images + 1) / 2)"
+            )
+
+
+def check_shapes(images: torch.Tensor, prompts: list[str], name: str) -> None:
+    """:func:`check_images` without the range check (a pass over the pixels): type, shape, dtype, prompts."""
     if not isinstance(images, torch.Tensor):
         raise UserError(f"reward '{name}': images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:
@@ -155,13 +167,6 @@ def check_images(images: torch.Tensor, prompts: list[str], name: str) -> None:
     if isinstance(prompts, str) or len(prompts) != images.shape[0]:
         got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
         raise UserError(f"reward '{name}': got {images.shape[0]} images but {got}; pass one prompt per image")
-    if images.numel() > 0:
-        low, high = torch.aminmax(images.detach())
-        if low.item() < -_RANGE_TOLERANCE or high.item() > 1 + _RANGE_TOLERANCE:
-            raise UserError(
-                f"reward '{name}': images must be in [0, 1], got values in [{low.item():.3f}, {high.item():.3f}] "
-                f"(images in [-1, 1]? pass (images + 1) / 2)"
-            )
 
 
 def check_pair(images_a: torch.Tensor, images_b: torch.Tensor, prompts: list[str], name: str) -> None:

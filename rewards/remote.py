@@ -81,6 +81,19 @@ def decode_request(body: bytes, content_type: str, pairwise: bool) -> tuple[torc
     Raises:
         PayloadError: the body is not a well-formed request (the message says what is wrong).
     """
+    images, prompts, images_b = parse_request(body, content_type, pairwise)
+    return wire_to_images(images), prompts, (None if images_b is None else wire_to_images(images_b))
+
+
+def parse_request(body: bytes, content_type: str, pairwise: bool) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    """:func:`decode_request` without the conversion to float: the images as they came, wrapped
+    without a copy (uint8 [B, H, W, 3] or float32 [B, 3, H, W]); :func:`wire_to_images` converts them.
+
+    No torch kernel runs here, so the server's event-loop thread can call it (see
+    :mod:`diffalign.reward_server`); the conversion then runs on the scoring thread, in one torch
+    pass over the cores (0.14 ms for 32 images of 64 px on 2 cores, against 0.7-1.5 ms for numpy's
+    transpose and division on the event loop, which also held up the next request).
+    """
     content_type = (content_type or "").split(";")[0].strip().lower()
     keys = ("images", "images_b") if pairwise else ("images",)
     if content_type == NPZ:
@@ -118,13 +131,17 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return pixels.mul_(255).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
-def _from_uint8(array: np.ndarray) -> torch.Tensor:
+def wire_to_images(images: torch.Tensor) -> torch.Tensor:
+    """Images from :func:`parse_request` -> [B, 3, H, W] float32 in [0, 1], contiguous."""
+    if images.dtype != torch.uint8:
+        return images
     # contiguous NCHW, as an in-process caller passes them: on the permuted (channels-last) view
-    # the tiny CLIP's preprocessing and forward took 23-32 ms per 32 images instead of 10. The
-    # transpose is done on the uint8 bytes, a quarter of the float32 size: 0.3 ms instead of 2 ms.
-    # numpy, not torch: the server decodes on its event-loop thread, which must run no torch kernel.
-    nchw = np.ascontiguousarray(array.transpose(0, 3, 1, 2))
-    return torch.from_numpy(np.divide(nchw, np.float32(255), dtype=np.float32))
+    # the tiny CLIP's preprocessing and forward took 23-32 ms per 32 images instead of 10. One
+    # pass reads the permuted bytes and writes the floats (0.14 ms for 32 images of 64 px, against
+    # 0.21 ms for a uint8 transpose, then a cast, then a division).
+    batch, height, width, _ = images.shape
+    out = torch.empty(batch, 3, height, width, dtype=torch.float32)
+    return torch.div(images.permute(0, 3, 1, 2), 255, out=out)
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -139,9 +156,8 @@ def _npz_images(fields: dict[str, np.ndarray], key: str) -> torch.Tensor:
     array = fields.get(key)
     if array is None:
         raise PayloadError(f"npz field {key!r} is missing")
-    if array.dtype == np.uint8 and array.ndim == 4 and array.shape[-1] == 3:
-        return _from_uint8(array)
-    if array.dtype == np.float32 and array.ndim == 4 and array.shape[1] == 3:
+    if (array.dtype == np.uint8 and array.ndim == 4 and array.shape[-1] == 3) or (
+            array.dtype == np.float32 and array.ndim == 4 and array.shape[1] == 3):
         return torch.from_numpy(np.ascontiguousarray(array))
     raise PayloadError(f"npz field {key!r} must be uint8 [B, H, W, 3] or float32 [B, 3, H, W], "
                        f"got {array.dtype} {list(array.shape)}")
@@ -162,7 +178,7 @@ def _json_images(fields: dict[str, Any], key: str) -> torch.Tensor:
             raise PayloadError(f"{key}[{index}] is not a base64-encoded image ({error})") from error
     if len({a.shape for a in arrays}) != 1:
         raise PayloadError(f"{key}: every image of one request must have the same size")
-    return _from_uint8(np.stack(arrays))
+    return torch.from_numpy(np.stack(arrays))
 
 
 # ---------------------------------------------------------------------- the client

@@ -27,7 +27,7 @@ pytest.importorskip("uvicorn")
 
 from diffalign.errors import UserError  # noqa: E402
 from diffalign.rewards import Reward, load_reward, register_reward  # noqa: E402
-from diffalign.rewards.remote import NPZ, decode_request, encode_request  # noqa: E402
+from diffalign.rewards.remote import NPZ, decode_request, encode_request, parse_request, wire_to_images  # noqa: E402
 
 
 class PromptLength(Reward):
@@ -91,6 +91,9 @@ def test_wire_format_round_trips():
         assert p == prompts and b is None
         torch.testing.assert_close(a, quantised, rtol=0, atol=1e-6)
         assert a.is_contiguous()  # NCHW like an in-process caller's (channels-last was 2-3x slower to score)
+        # the server's event loop parses without converting: the 8-bit pixels as sent, [B, H, W, 3]
+        raw, _, _ = parse_request(*encode_request(x, prompts, encoding=encoding), pairwise=False)
+        assert raw.dtype == torch.uint8 and raw.shape == (3, 16, 16, 3) and torch.equal(wire_to_images(raw), a)
 
 
 def test_remote_scores_equal_in_process_scores():
