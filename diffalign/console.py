@@ -79,11 +79,13 @@ def run_summary_lines(out_dir, final, model: str, negative: bool = False, report
         lines.append(f"report: {Path(out_dir) / 'report.html'}")
     if negative:
         return lines
-    source = model
-    if model.startswith("tiny-") and not os.path.isdir(model):
+    source, dtype = model, ""
+    if model.startswith(("tiny-", "shapes-")) and not os.path.isdir(model):
         source = f"./{model}"
         lines.append(f"stock diffusers (after `diffalign export-tiny {model} {source}`):")
+        if model.startswith("shapes-"):  # fp16 denoiser and text encoder, fp32 VAE: load them as one dtype
+            dtype = ", torch_dtype=torch.float32"
     else:
         lines.append("stock diffusers:")
-    lines.append(f'  pipe = DiffusionPipeline.from_pretrained("{source}"); pipe.load_lora_weights("{final}")')
+    lines.append(f'  pipe = DiffusionPipeline.from_pretrained("{source}"{dtype}); pipe.load_lora_weights("{final}")')
     return lines

@@ -100,6 +100,19 @@ def test_export_shapes_writes_a_diffusers_folder(tmp_path):
     assert main(["export-tiny", name, str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "model_index.json").read_text())["_class_name"].endswith("Pipeline")
     assert content_hash(tmp_path / "out") == json.loads((tmp_path / "out" / MANIFEST).read_text())["content_sha256"]
+    # the end of a run's summary on a shapes model: the export command, then a line that loads the export
+    from diffalign.console import run_summary_lines
+
+    header, load = run_summary_lines(tmp_path / "run", "run/final", name, report=False)
+    assert f"`diffalign export-tiny {name} ./{name}`" in header
+    import torch
+    from diffusers import DiffusionPipeline
+
+    code = load.split(";")[0].strip().replace(f'"./{name}"', repr(str(tmp_path / "out")))
+    scope = {"DiffusionPipeline": DiffusionPipeline, "torch": torch}
+    exec(code, scope)  # noqa: S102 - the printed line itself, pointed at the export
+    pipe = scope["pipe"]
+    assert {p.dtype for p in (getattr(pipe, "transformer", None) or pipe.unet).parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
