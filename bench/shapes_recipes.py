@@ -8,6 +8,10 @@ alignment-evaluation prompts (ALIGN_EVAL_PROMPTS, 2 seeds each, 20 deterministic
 from the base model and from base + the trained LoRA with the same seeds, and print strict and
 partial shapes_geneval and shapes_pref for both. A negative (NPO) LoRA is measured the way it is
 used: in the unconditional branch of CFG (``diffalign.pipelines.npo.enable_npo``).
+
+A recipe whose guard keeps its best check (``guard.keep_best``, on by default) has ``final/`` chosen
+on ``eval.prompts``, which are these same prompts and seeds; the script then also measures the last
+step's LoRA (``last/``), which no choice on the test prompts touched.
 """
 
 from __future__ import annotations
@@ -58,7 +62,12 @@ def run_recipe(path: Path, overrides: list[str]) -> dict:
     seconds = time.time() - start
     before = measure(cfg.model, None, negative)
     after = measure(cfg.model, str(out_dir / "final"), negative)
-    return {"recipe": str(path.relative_to(ROOT)), "train_seconds": round(seconds), "before": before, "after": after}
+    result = {"recipe": str(path.relative_to(ROOT)), "train_seconds": round(seconds), "before": before, "after": after}
+    # with guard.keep_best, final/ is the step whose check on eval.prompts (these prompts and seeds)
+    # scored best: a choice made on the test set. last/ (written only then) holds the last step's LoRA.
+    if (out_dir / "last").is_dir():
+        result["after_last_step"] = measure(cfg.model, str(out_dir / "last"), negative)
+    return result
 
 
 def main() -> None:
@@ -75,6 +84,11 @@ def main() -> None:
         print(f"{result['recipe']}: {result['train_seconds']} s; shapes_geneval {b['shapes_geneval']:.3f} -> "
               f"{a['shapes_geneval']:.3f}, partial {b['shapes_geneval_partial']:.3f} -> {a['shapes_geneval_partial']:.3f}, "
               f"shapes_pref {b['shapes_pref']:.3f} -> {a['shapes_pref']:.3f}", flush=True)
+        if "after_last_step" in result:
+            c = result["after_last_step"]
+            print(f"  final/ is the guard's best check on these prompts; the last step's LoRA: shapes_geneval "
+                  f"{c['shapes_geneval']:.3f}, partial {c['shapes_geneval_partial']:.3f}, shapes_pref {c['shapes_pref']:.3f}",
+                  flush=True)
     out = ROOT / "runs" / "bench-shapes" / "results.jsonl"
     with out.open("a") as handle:
         for result in results:
