@@ -239,18 +239,23 @@ class EvalSettings(BaseModel):
 @torch.no_grad()
 def write_before_after(run: Run, policy: DiffusionPolicy, settings: EvalSettings) -> Path | None:
     """``before_after.png`` (see ``EvalSettings.grid``): the adapter switched off gives the base
-    model, so base and trained samples share prompts, seeds and sampler. Every process samples (the
-    same work on each); the main process writes. Returns its path there."""
+    model, so base and trained samples share prompts, seeds and sampler. Rows that an evaluation of
+    this run already sampled are reused (see :func:`_kept_rows`); the rest are sampled here. Every
+    process samples (the same work on each); the main process writes. Returns its path there."""
     from torchvision.utils import make_grid
 
+    base_rows, trained_rows = _kept_rows(policy, settings)
     rows = []
     for k in range(settings.num_images_per_prompt):
-        with lora.adapter_disabled(policy.denoiser):
-            rows.append(sample_images(policy, settings.prompts, settings.seed + k, settings.num_steps, settings.guidance_scale))
-        rows.append(sample_images(policy, settings.prompts, settings.seed + k, settings.num_steps, settings.guidance_scale))
+        if base_rows is None:
+            with lora.adapter_disabled(policy.denoiser):
+                rows.append(_eval_samples(policy, settings, k))
+        else:
+            rows.append(base_rows[k])
+        rows.append(_eval_samples(policy, settings, k) if trained_rows is None else trained_rows[k])
     if not run.is_main:
         return None
-    images = torch.cat(rows).float().cpu()
+    images = torch.cat([row.cpu() for row in rows])
     grid = make_grid(images, nrow=len(settings.prompts), padding=2, pad_value=1.0)
     path = run.out_dir / "before_after.png"
     caption = "rows: base, trained (seed {s}); columns: " + " | ".join(settings.prompts)
@@ -258,14 +263,69 @@ def write_before_after(run: Run, policy: DiffusionPolicy, settings: EvalSettings
     return path
 
 
+def _eval_samples(policy: DiffusionPolicy, settings: EvalSettings, k: int) -> Tensor:
+    """The evaluation prompts sampled with seed ``settings.seed + k``: [P, 3, H, W] float32."""
+    return sample_images(policy, settings.prompts, settings.seed + k, settings.num_steps, settings.guidance_scale).float()
+
+
 @torch.no_grad()
 def evaluate_reward(policy: DiffusionPolicy, reward, settings: EvalSettings) -> float:
-    """Mean ``reward`` over ``num_images_per_prompt`` deterministic samples of each prompt."""
-    scores = []
+    """Mean ``reward`` over ``num_images_per_prompt`` deterministic samples of each prompt. With
+    ``settings.grid`` the samples are kept for :func:`write_before_after`."""
+    scores, rows = [], []
     for k in range(settings.num_images_per_prompt):
-        images = sample_images(policy, settings.prompts, settings.seed + k, settings.num_steps, settings.guidance_scale)
-        scores.append(reward(images.to(torch.float32), list(settings.prompts)).float().cpu())
+        images = _eval_samples(policy, settings, k)
+        scores.append(reward(images, list(settings.prompts)).float().cpu())
+        if settings.grid:
+            rows.append(images.cpu())
+    if settings.grid:
+        _keep_rows(policy, settings, rows)
     return torch.cat(scores).mean().item()
+
+
+# Evaluation samples kept for before_after.png, by policy: "base" holds the first evaluation's rows
+# if the adapter added nothing then (every LoRA B factor zero, as peft initialises it); "trained"
+# holds the latest evaluation's rows with a copy of the trainable weights they were sampled with.
+_KEPT_SAMPLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _grid_key(settings: EvalSettings) -> tuple:
+    return (tuple(settings.prompts), settings.seed, settings.num_images_per_prompt, settings.num_steps,
+            settings.guidance_scale)
+
+
+def _trainable_weights(policy: DiffusionPolicy) -> list[Tensor]:
+    return [param.detach().to("cpu", copy=True) for param in policy.denoiser.parameters() if param.requires_grad]
+
+
+def _adapter_adds_nothing(policy: DiffusionPolicy) -> bool:
+    return all(not param.count_nonzero() for name, param in policy.denoiser.named_parameters() if "lora_B" in name)
+
+
+def _keep_rows(policy: DiffusionPolicy, settings: EvalSettings, rows: list[Tensor]) -> None:
+    kept = _KEPT_SAMPLES.setdefault(policy, {})
+    key = _grid_key(settings)
+    if "base" not in kept and _adapter_adds_nothing(policy):
+        kept["base"] = (key, rows)
+    kept["trained"] = (key, rows, _trainable_weights(policy))
+
+
+def _kept_rows(policy: DiffusionPolicy, settings: EvalSettings) -> tuple[list[Tensor] | None, list[Tensor] | None]:
+    """(base rows, trained rows) that an evaluation with these settings sampled and that still
+    show what the grid claims: the base rows came from an adapter that added nothing (a zero B
+    factor adds an exact zero, so they equal the adapter-off samples), the trained rows from the
+    weights the policy has now (the guard's ``keep_best`` may have put an earlier check's back).
+    None for either one to sample again."""
+    kept = _KEPT_SAMPLES.get(policy, {})
+    key = _grid_key(settings)
+    base = kept.get("base")
+    trained = kept.get("trained")
+    if trained is not None:
+        now = _trainable_weights(policy)
+        same = trained[0] == key and len(now) == len(trained[2]) and all(map(torch.equal, now, trained[2]))
+        trained = trained if same else None
+    return (base[1] if base is not None and base[0] == key else None,
+            trained[1] if trained is not None else None)
 
 
 # --- the bookkeeping every trainer's loop ends a step and a run with --------------------------------
