@@ -154,3 +154,26 @@ def test_builtin_shapes_pairs_are_cached_per_build_of_the_model(tmp_path):
         folder.mkdir()
         (folder / "train.parquet").write_bytes(b"placeholder")  # present: read without sampling
     assert builtin_shapes_pairs("shapes", cache_dir=tmp_path) == current
+
+
+def test_world_pairs_refuses_a_used_out_folder_before_sampling(tmp_path, monkeypatch, capsys):
+    """A non-empty --out (or a file) is a one-line error before any sampling; what is there is kept."""
+    from diffalign import world_data
+    from diffalign.cli import main
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking --out")
+
+    monkeypatch.setattr(world_data, "shapes_preference_rows", no_sampling)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "mine.txt").write_text("keep me")
+    assert main(["world", "pairs", "--model", "shapes-sd", "--out", str(used)]) != 0
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"world pairs: {used} exists and is not empty; choose a new folder (nothing was written)")
+    assert sorted(p.name for p in used.iterdir()) == ["mine.txt"] and (used / "mine.txt").read_text() == "keep me"
+    a_file = tmp_path / "pairs.parquet"
+    a_file.write_bytes(b"x")
+    assert main(["world", "pairs", "--model", "shapes-sd", "--out", str(a_file)]) != 0
+    assert "is a file; --out takes a new or empty folder" in capsys.readouterr().err
+    assert a_file.read_bytes() == b"x"
