@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from diffalign.errors import UserError
+
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -87,3 +89,14 @@ def torch_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def new_folder(out_dir: str | os.PathLike, command: str) -> Path:
+    """``out_dir`` as a Path if it is new or an empty folder; else a one-line UserError, prefixed
+    with ``command`` (e.g. "world build"), saying nothing was written. Check before the work."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{command}: {out} is a file; --out takes a new or empty folder (nothing was written)")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{command}: {out} exists and is not empty; choose a new folder (nothing was written)")
+    return out

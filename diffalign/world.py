@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from diffalign.errors import UserError
+from diffalign.files import new_folder
 
 if TYPE_CHECKING:  # torch and numpy load inside the functions, so the CLI starts fast
     import torch
@@ -227,14 +228,6 @@ def drop_source_paths(folder: Path) -> None:
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _new_folder(out_dir: str | Path) -> Path:
-    """``out_dir`` as a Path; a one-line error if it exists and holds anything."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"world build: {out} exists and is not empty; choose a new folder (nothing was written)")
-    return out
-
-
 def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = None,
           log: Callable[[str], None] = _print, measure_scores: bool = True) -> dict:
     """Build one shapes model from scratch into ``out_dir`` (which must not exist or be empty);
@@ -248,7 +241,7 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
 
     if config.family not in FAMILIES:
         raise UserError(f"world build: --family {config.family!r} is not one of {', '.join(FAMILIES)}")
-    out = _new_folder(out_dir)
+    out = new_folder(out_dir, "world build")
     torch.set_num_threads(config.threads)
     tmp = out.parent / f".{out.name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -344,7 +337,7 @@ def build_shipped(family: str, out_dir: str | Path, log: Callable[[str], None] =
     import argparse
     import shlex
 
-    out = _new_folder(out_dir)  # checked now, not after the earlier stages' hours
+    out = new_folder(out_dir, "world build")  # checked now, not after the earlier stages' hours
     shipped = _shipped_manifest(family)
     commands = recipe_commands(shipped)
     parser = argparse.ArgumentParser(prog="diffalign world build")

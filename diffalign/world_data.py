@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from diffalign.errors import UserError
+from diffalign.files import new_folder
 from diffalign.world import SHAPES_GUIDANCE
 
 PAIRS_VERSION = 1
@@ -94,22 +95,12 @@ def rank_groups(images, prompts: Sequence[str], group_size: int, correct: bool =
     return rows
 
 
-def check_new_or_empty(out_dir: str | os.PathLike) -> Path:
-    """``out_dir`` as a Path, if it is new or an empty folder; else a UserError (nothing written)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"world pairs: {out} is a file; --out takes a new or empty folder (nothing was written)")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"world pairs: {out} exists and is not empty; choose a new folder (nothing was written)")
-    return out
-
-
 def write_pairs_parquet(rows: list[dict], out_dir: str | os.PathLike) -> Path:
     """Write rows as ``out_dir/train.parquet`` (Pick-a-Pic schema); ``out_dir`` must be new or empty."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = check_new_or_empty(out_dir)
+    out = new_folder(out_dir, "world pairs")
     out.mkdir(parents=True, exist_ok=True)
     table = pa.table({
         "caption": pa.array([r["caption"] for r in rows], pa.string()),
@@ -215,7 +206,7 @@ def _cmd_pairs(args) -> int:
     for flag, key, least in (("--groups", "groups", 1), ("--group-size", "group_size", 2)):
         if sizes[key] < least:
             raise UserError(f"world pairs: {flag} {sizes[key]} is too small; use at least {least}")
-    check_new_or_empty(args.out)  # before minutes of sampling, not after
+    new_folder(args.out, "world pairs")  # before minutes of sampling, not after
     rows = shapes_preference_rows(args.model, seed=args.seed, **sizes)
     path = write_pairs_parquet(rows, args.out)
     print(f"wrote {len(rows)} pairs (ties dropped) to {path}")
