@@ -45,7 +45,9 @@ class WorldBuildConfig:
     sample_steps, guidance_scale: how the base scores are measured (deterministic sampler).
     eval_seeds: images per prompt for the base scores. threads: torch CPU threads (part of what
     makes a build reproducible). init: continue pretraining from this shapes folder (its manifest's
-    steps become ``start_step``, so the data stream goes on where it stopped).
+    steps become ``start_step``, so the data stream goes on where it stopped). timesteps: how
+    training noise levels are drawn, ``uniform`` or ``logit_normal`` (flow families only; None: the
+    policy's default, logit-normal for FLUX/SD3 and uniform for SD/SDXL).
     """
 
     family: str
@@ -61,6 +63,7 @@ class WorldBuildConfig:
     threads: int = 2
     init: str | None = None
     start_step: int = 0
+    timesteps: str | None = None
 
 
 def policy_options(family: str) -> dict:
@@ -135,7 +138,8 @@ def pretrain(pipe, config: WorldBuildConfig, log: Callable[[str], None] = _print
         # 2. the denoising loss of the family (epsilon or flow velocity)
         cond = encode(policy, prompts)
         noise = torch.randn(latents.shape, generator=generator)
-        t = policy.training_timesteps(config.batch_size, generator=generator)
+        scheme = {"scheme": config.timesteps} if config.timesteps else {}
+        t = policy.training_timesteps(config.batch_size, generator=generator, **scheme)
         prediction = policy.predict(policy.noise(latents, noise, t), t, cond)
         loss = torch.nn.functional.mse_loss(prediction, policy.target(latents, noise, t))
         # 3. update
@@ -241,6 +245,10 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
 
     if config.family not in FAMILIES:
         raise UserError(f"world build: --family {config.family!r} is not one of {', '.join(FAMILIES)}")
+    if config.timesteps is not None and (config.family not in ("flux", "sd3")
+                                         or config.timesteps not in ("uniform", "logit_normal")):
+        raise UserError(f"world build: --timesteps {config.timesteps!r} is for --family flux or sd3 and is "
+                        f"'uniform' or 'logit_normal'; leave it out for the family's default")
     out = new_folder(out_dir, "world build")
     torch.set_num_threads(config.threads)
     tmp = out.parent / f".{out.name}.building"
@@ -283,7 +291,7 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
     return manifest
 
 
-RECIPE_OPTIONS = ("seed", "steps", "batch_size", "learning_rate", "threads", "eval_seeds", "guidance_scale")
+RECIPE_OPTIONS = ("seed", "steps", "batch_size", "learning_rate", "threads", "eval_seeds", "guidance_scale", "timesteps")
 
 
 def add_build_arguments(parser) -> None:
@@ -293,9 +301,12 @@ def add_build_arguments(parser) -> None:
     parser.add_argument("--family", required=True, help="sd | sdxl | flux | sd3")
     parser.add_argument("--out", required=True, help="a new or empty folder for the diffusers model")
     for field in RECIPE_OPTIONS:
-        kind = float if field in ("learning_rate", "guidance_scale") else int
+        kind = float if field in ("learning_rate", "guidance_scale") else str if field == "timesteps" else int
+        default = f"{getattr(WorldBuildConfig, field)} in a custom build"
+        if field == "timesteps":
+            default = "uniform | logit_normal, FLUX/SD3 only; in a custom build the policy's, logit_normal"
         parser.add_argument("--" + field.replace("_", "-"), type=kind, default=None,
-                            help=f"(default: the shipped recipe's; {getattr(WorldBuildConfig, field)} in a custom build)")
+                            help=f"(default: the shipped recipe's; {default})")
     parser.add_argument("--init", help="continue pretraining from this shapes folder (a build in stages)")
 
 
@@ -307,7 +318,8 @@ def _stage_config(args, init: str | None) -> WorldBuildConfig:
 def _stage_command(config: WorldBuildConfig) -> str:
     return (f"diffalign world build --family {config.family} --seed {config.seed} --steps {config.steps} "
             f"--batch-size {config.batch_size} --learning-rate {config.learning_rate:g} --threads {config.threads} "
-            f"--eval-seeds {config.eval_seeds} --guidance-scale {config.guidance_scale:g} --out DIR"
+            f"--eval-seeds {config.eval_seeds} --guidance-scale {config.guidance_scale:g}"
+            + (f" --timesteps {config.timesteps}" if config.timesteps else "") + " --out DIR"
             + (f" --init {config.init}" if config.init else ""))
 
 

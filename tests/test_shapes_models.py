@@ -45,6 +45,24 @@ def test_build_smoke_runs_the_full_build_code(family, tmp_path):
     assert images.shape == (1, 3, 64, 64)
 
 
+def test_build_timesteps_option(tmp_path):
+    """--timesteps picks how noise levels are drawn (flow families); the stage command records it."""
+    from diffalign.errors import UserError
+    from diffalign.world import _stage_command
+
+    config = WorldBuildConfig(family="sd3", steps=2, batch_size=2, threads=1, warmup_steps=1, timesteps="uniform")
+    assert " --timesteps uniform --out DIR" in _stage_command(config)
+    assert "--timesteps" not in _stage_command(WorldBuildConfig(family="sd3"))
+    losses = {scheme: build(WorldBuildConfig(family="flux", steps=2, batch_size=2, threads=1, warmup_steps=1,
+                                             timesteps=scheme), tmp_path / str(scheme), log=lambda line: None,
+                            measure_scores=False)["final_loss"] for scheme in (None, "logit_normal", "uniform")}
+    assert losses[None] == losses["logit_normal"] != losses["uniform"]
+    for family, scheme in (("sd", "uniform"), ("flux", "cosine")):
+        with pytest.raises(UserError, match="--timesteps .* is for --family flux or sd3"):
+            build(WorldBuildConfig(family=family, steps=1, timesteps=scheme), tmp_path / "bad", measure_scores=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_build_refuses_a_non_empty_folder(tmp_path):
     from diffalign.errors import UserError
 
@@ -132,7 +150,8 @@ def test_the_default_build_is_the_shipped_recipe(name):
     parser = argparse.ArgumentParser()
     add_build_arguments(parser)
     last = _stage_config(parser.parse_args(shlex.split(commands[-1])[3:]), init=None)
-    recorded = {k: v for k, v in manifest["config"].items() if k not in ("init", "start_step")}
+    # timesteps came after the sd and sdxl builds; None (the family's default) is what they used
+    recorded = {"timesteps": None, **{k: v for k, v in manifest["config"].items() if k not in ("init", "start_step")}}
     assert {k: v for k, v in asdict(last).items() if k not in ("init", "start_step")} == recorded
 
 
