@@ -24,6 +24,19 @@ def test_every_grammar_word_is_one_token(tmp_path):
         [clip.bos_token_id] + [clip.convert_tokens_to_ids(w + "</w>") for w in "a red circle left of a square".split()])
 
 
+@pytest.mark.parametrize("family, channels", [("sd", 4), ("sdxl", 4), ("flux", 16), ("sd3", 16)])
+def test_the_shapes_vae_keeps_world_images_one_latent_per_cell(family, channels):
+    """World images survive encode -> decode to under 1/255, with one latent per 4 x 4 pixel cell."""
+    from diffalign.rewards.shapes_world import GRID, sample_captions
+    from diffalign.world import world_batch, world_policy
+
+    policy = world_policy(build_untrained(family, 0), family)
+    pixels = world_batch(sample_captions(6, seed=3), list(range(6)))
+    latents = policy.encode_images(pixels, generator=torch.Generator().manual_seed(0))
+    assert tuple(latents.shape[1:]) == (channels, GRID, GRID) == policy.latent_shape(64, 64)
+    assert (policy.decode(latents) * 2 - 1 - pixels).abs().max() * 127.5 < 1
+
+
 @pytest.mark.parametrize("family", ["sd", "sdxl", "flux", "sd3"])
 def test_build_smoke_runs_the_full_build_code(family, tmp_path):
     """Two steps of the real build (pretrain, fp16 save, manifest), then a stock reload and a sample."""
