@@ -64,6 +64,22 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def shapes_model_name(model: str) -> str | None:
+    """``model`` if it is a shipped shapes model, or the shapes model a local folder holds: one that
+    ``diffalign world build`` or ``export-tiny`` wrote (its ``manifest.json`` names it); else None.
+    Such a folder gets the shapes models' defaults (64 px, a 16-token T5 sequence, CFG 1.5)."""
+    if model in SHAPES_MODELS:
+        return model
+    manifest = Path(model) / "manifest.json"
+    if model in TINY_MODELS or not manifest.is_file():
+        return None
+    try:
+        name = json.loads(manifest.read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if name in SHAPES_MODELS else None
+
+
 def detect_family(model: str) -> str | None:
     """The family of a local diffusers directory from its ``model_index.json`` (None if unknown
     without loading, e.g. for a hub id)."""
@@ -143,25 +159,29 @@ def load_policy(
     **options,
 ) -> DiffusionPolicy:
     """Load ``model`` and wrap it in its policy on ``device``. The tiny models default to their
-    64 px resolution and (FLUX, SD3) a 32-token T5 sequence."""
+    64 px resolution and (FLUX, SD3) a 32-token T5 sequence; the shapes models, and folders that
+    hold one (:func:`shapes_model_name`), to 64 px and a 16-token sequence."""
     pipe = load_pipeline(model, torch_dtype=torch_dtype).to(device)
     if model in TINY_MODELS:
         resolution = resolution or TINY_RESOLUTION
         if model in ("tiny-flux", "tiny-sd3"):
             options.setdefault("max_sequence_length", 32)
-    if model in SHAPES_MODELS:
+    shapes = shapes_model_name(model)
+    if shapes is not None:
         resolution = resolution or SHAPES_RESOLUTION
-        if model in ("shapes-flux", "shapes-sd3"):
+        if shapes in ("shapes-flux", "shapes-sd3"):
             options.setdefault("max_sequence_length", SHAPES_T5_LENGTH)
     return policy_for(pipe, resolution=resolution, **options)
 
 
 def pipeline_call_defaults(model: str) -> dict:
     """Keyword arguments for a stock pipeline ``__call__`` that match what diffalign trained
-    with: the tiny models' 64 px size and (FLUX, SD3) 32-token T5 sequence; nothing for real models."""
-    if model in SHAPES_MODELS:
+    with: the tiny models' 64 px size and (FLUX, SD3) 32-token T5 sequence, the shapes models' (and
+    their folders') 64 px, 16 tokens and CFG 1.5; nothing for real models."""
+    shapes = shapes_model_name(model)
+    if shapes is not None:
         kwargs = {"height": SHAPES_RESOLUTION, "width": SHAPES_RESOLUTION, "guidance_scale": SHAPES_GUIDANCE}
-        if model in ("shapes-flux", "shapes-sd3"):
+        if shapes in ("shapes-flux", "shapes-sd3"):
             kwargs["max_sequence_length"] = SHAPES_T5_LENGTH
         return kwargs
     if model not in TINY_MODELS:

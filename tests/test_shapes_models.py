@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from diffalign.pipelines.loading import SHAPES_MODELS, SHAPES_ROOT, load_policy, resolve_model_path
+from diffalign.pipelines.loading import (SHAPES_MODELS, SHAPES_ROOT, load_policy, pipeline_call_defaults,
+                                        resolve_model_path, shapes_model_name)
 from diffalign.world import MANIFEST, WorldBuildConfig, build, content_hash
 from diffalign.world_models import WORDS, build_untrained, clip_word_tokenizer, t5_word_tokenizer
 
@@ -45,8 +46,12 @@ def test_build_smoke_runs_the_full_build_code(family, tmp_path):
     folder = tmp_path / "m"
     assert manifest["content_sha256"] == content_hash(folder)
     assert json.loads((folder / MANIFEST).read_text())["config"]["family"] == family
-    policy = load_policy(str(folder), resolution=64, **({"max_sequence_length": 16} if family in ("flux", "sd3") else {}))
-    assert policy.family == family
+    # a world-build folder gets the shapes models' defaults, as `model: DIR` in a config would
+    policy = load_policy(str(folder))
+    assert policy.family == family and policy.default_resolution() == 64
+    if family in ("flux", "sd3"):
+        assert policy.max_sequence_length == 16
+    assert pipeline_call_defaults(str(folder)) == pipeline_call_defaults(f"shapes-{family}")
     # Pretraining moved the weights away from the untrained seed-0 model.
     untrained = build_untrained(family, 0)
     name = "unet" if family in ("sd", "sdxl") else "transformer"
@@ -74,6 +79,16 @@ def test_build_timesteps_option(tmp_path):
         with pytest.raises(UserError, match="--timesteps .* is for --family flux or sd3"):
             build(WorldBuildConfig(family=family, steps=1, timesteps=scheme), tmp_path / "bad", measure_scores=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_only_a_folder_whose_manifest_names_a_shapes_model_is_one(tmp_path):
+    assert shapes_model_name("shapes-sd") == "shapes-sd" and shapes_model_name("tiny-sd") is None
+    assert shapes_model_name(str(tmp_path)) is None  # no manifest: a user's model, no shapes defaults
+    for text, expected in (('{"name": "shapes-sdxl"}', "shapes-sdxl"), ('{"name": "my-model"}', None),
+                           ("not json", None), ("[1, 2]", None)):
+        (tmp_path / MANIFEST).write_text(text)
+        assert shapes_model_name(str(tmp_path)) == expected
+    assert pipeline_call_defaults(str(tmp_path)) == {}
 
 
 def test_build_refuses_a_non_empty_folder(tmp_path):
