@@ -23,14 +23,12 @@ LEVELS = (0.2, 0.5, 0.8, 0.95, 0.99)
 
 
 def text_use(model: str, images: int, seed: int = 0) -> list[dict[str, float]]:
-    from diffalign.pipelines.loading import load_pipeline, policy_for
-    from diffalign.rewards.shapes_world import IMAGE_SIZE, sample_captions
-    from diffalign.world import policy_options, world_batch
+    from diffalign.pipelines.loading import detect_family, load_pipeline
+    from diffalign.rewards.shapes_world import sample_captions
+    from diffalign.world import world_batch, world_policy
 
-    pipe = load_pipeline(model)
-    family = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
-              "StableDiffusion3Pipeline": "sd3"}[type(pipe).__name__]
-    policy = policy_for(pipe, resolution=IMAGE_SIZE, **policy_options(family))
+    family = detect_family(model)
+    policy = world_policy(load_pipeline(model), family)
     captions = sample_captions(images, seed=seed)
     wrong = captions[1:] + captions[:1]
     latents = policy.encode_images(world_batch(captions, range(images)), generator=torch.Generator().manual_seed(seed))
@@ -54,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="*", default=["shapes-sd", "shapes-sdxl", "shapes-flux", "shapes-sd3"])
     parser.add_argument("--images", type=int, default=32)
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
     print("| model | level | MSE, right caption | wrong caption | \"\" |")
     print("|---|---|---|---|---|")
     for model in args.models:

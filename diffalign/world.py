@@ -125,6 +125,7 @@ def pretrain(pipe, config: WorldBuildConfig, log: Callable[[str], None] = _print
     generator = torch.Generator().manual_seed(config.seed)
     # The policy's prompt encoding with gradients (its public method runs under no_grad).
     encode = type(policy).encode_prompts.__wrapped__
+    scheme = {"scheme": config.timesteps} if config.timesteps else {}  # else the policy's default
     losses, start = [], time.time()
     for step in range(config.steps):
         # 1. a batch of world images and captions
@@ -138,7 +139,6 @@ def pretrain(pipe, config: WorldBuildConfig, log: Callable[[str], None] = _print
         # 2. the denoising loss of the family (epsilon or flow velocity)
         cond = encode(policy, prompts)
         noise = torch.randn(latents.shape, generator=generator)
-        scheme = {"scheme": config.timesteps} if config.timesteps else {}
         t = policy.training_timesteps(config.batch_size, generator=generator, **scheme)
         prediction = policy.predict(policy.noise(latents, noise, t), t, cond)
         loss = torch.nn.functional.mse_loss(prediction, policy.target(latents, noise, t))
