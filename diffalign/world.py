@@ -47,7 +47,10 @@ class WorldBuildConfig:
     makes a build reproducible). init: continue pretraining from this shapes folder (its manifest's
     steps become ``start_step``, so the data stream goes on where it stopped). timesteps: how
     training noise levels are drawn, ``uniform`` or ``logit_normal`` (flow families only; None: the
-    policy's default, logit-normal for FLUX/SD3 and uniform for SD/SDXL).
+    policy's default, logit-normal for FLUX/SD3 and uniform for SD/SDXL). caption_weights: how often
+    each GenEval category's captions are drawn, as ``"color_attr=3,position=2"`` (a category not
+    named weighs 1; None: all equally often). adaln_zero: start a FLUX/SD3 transformer with its
+    modulation and output layers at zero (DiT's adaLN-Zero) instead of diffusers' default init.
     """
 
     family: str
@@ -64,6 +67,29 @@ class WorldBuildConfig:
     init: str | None = None
     start_step: int = 0
     timesteps: str | None = None
+    caption_weights: str | None = None
+    adaln_zero: bool | None = None
+
+
+def parse_caption_weights(text: str | None) -> dict[str, float] | None:
+    """``"color_attr=3,position=2"`` -> {"color_attr": 3.0, "position": 2.0}; a one-line error
+    naming the option for an unknown category or a weight that is not a positive number."""
+    from diffalign.rewards.geneval_rules import TAGS
+
+    if not text:
+        return None
+    weights = {}
+    for item in text.split(","):
+        tag, _, value = item.strip().partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if tag not in TAGS or not (weight > 0 and math.isfinite(weight)):
+            raise UserError(f"world build: --caption-weights {text!r}: {item.strip()!r} is not CATEGORY=WEIGHT with "
+                            f"CATEGORY one of {', '.join(TAGS)} and WEIGHT a positive number, e.g. color_attr=3")
+        weights[tag] = weight
+    return weights
 
 
 def policy_options(family: str) -> dict:
@@ -126,11 +152,12 @@ def pretrain(pipe, config: WorldBuildConfig, log: Callable[[str], None] = _print
     # The policy's prompt encoding with gradients (its public method runs under no_grad).
     encode = type(policy).encode_prompts.__wrapped__
     scheme = {"scheme": config.timesteps} if config.timesteps else {}  # else the policy's default
+    tag_weights = parse_caption_weights(config.caption_weights)
     losses, start = [], time.time()
     for step in range(config.steps):
         # 1. a batch of world images and captions
         index = config.start_step + step
-        captions = sample_captions(config.batch_size, seed=config.seed * 1_000_003 + index)
+        captions = sample_captions(config.batch_size, seed=config.seed * 1_000_003 + index, tag_weights=tag_weights)
         seeds = [config.seed * 1_000_003 + index * config.batch_size + i for i in range(config.batch_size)]
         with torch.no_grad():
             latents = policy.encode_images(world_batch(captions, seeds), generator=generator)
@@ -249,6 +276,10 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
                                          or config.timesteps not in ("uniform", "logit_normal")):
         raise UserError(f"world build: --timesteps {config.timesteps!r} is for --family flux or sd3 and is "
                         f"'uniform' or 'logit_normal'; leave it out for the family's default")
+    parse_caption_weights(config.caption_weights)
+    if config.adaln_zero and (config.family not in ("flux", "sd3") or config.init is not None):
+        raise UserError("world build: --adaln-zero initialises a new FLUX/SD3 transformer; use it with --family flux "
+                        "or sd3 and without --init")
     out = new_folder(out_dir, "world build")
     torch.set_num_threads(config.threads)
     tmp = out.parent / f".{out.name}.building"
@@ -256,7 +287,7 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
     start = time.time()
     try:
         if config.init is None:
-            pipe = build_untrained(config.family, config.seed)
+            pipe = build_untrained(config.family, config.seed, adaln_zero=bool(config.adaln_zero))
         else:
             pipe = load_pipeline(config.init)
             previous = json.loads((Path(config.init) / MANIFEST).read_text())
@@ -291,7 +322,8 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
     return manifest
 
 
-RECIPE_OPTIONS = ("seed", "steps", "batch_size", "learning_rate", "threads", "eval_seeds", "guidance_scale", "timesteps")
+RECIPE_OPTIONS = ("seed", "steps", "batch_size", "learning_rate", "threads", "eval_seeds", "guidance_scale", "timesteps",
+                  "caption_weights", "adaln_zero")
 
 
 def add_build_arguments(parser) -> None:
@@ -301,10 +333,18 @@ def add_build_arguments(parser) -> None:
     parser.add_argument("--family", required=True, help="sd | sdxl | flux | sd3")
     parser.add_argument("--out", required=True, help="a new or empty folder for the diffusers model")
     for field in RECIPE_OPTIONS:
-        kind = float if field in ("learning_rate", "guidance_scale") else str if field == "timesteps" else int
+        if field == "adaln_zero":
+            parser.add_argument("--adaln-zero", action="store_const", const=True, default=None,
+                                help="FLUX/SD3: zero the transformer's modulation and output layers at the start "
+                                     "(DiT's adaLN-Zero; default: diffusers' init)")
+            continue
+        kind = float if field in ("learning_rate", "guidance_scale") else int
+        kind = str if field in ("timesteps", "caption_weights") else kind
         default = f"{getattr(WorldBuildConfig, field)} in a custom build"
         if field == "timesteps":
             default = "uniform | logit_normal, FLUX/SD3 only; in a custom build the policy's, logit_normal"
+        if field == "caption_weights":
+            default = "CATEGORY=WEIGHT,... over GenEval's six categories, e.g. color_attr=3; in a custom build all 1"
         parser.add_argument("--" + field.replace("_", "-"), type=kind, default=None,
                             help=f"(default: the shipped recipe's; {default})")
     parser.add_argument("--init", help="continue pretraining from this shapes folder (a build in stages)")
@@ -312,6 +352,9 @@ def add_build_arguments(parser) -> None:
 
 def _stage_config(args, init: str | None) -> WorldBuildConfig:
     given = {field: getattr(args, field) for field in RECIPE_OPTIONS if getattr(args, field) is not None}
+    if "caption_weights" in given:  # one spelling, so the recorded stage command parses back to it
+        weights = parse_caption_weights(given["caption_weights"])
+        given["caption_weights"] = ",".join(f"{tag}={weight:g}" for tag, weight in weights.items())
     return WorldBuildConfig(family=args.family, init=init, **given)
 
 
@@ -319,7 +362,9 @@ def _stage_command(config: WorldBuildConfig) -> str:
     return (f"diffalign world build --family {config.family} --seed {config.seed} --steps {config.steps} "
             f"--batch-size {config.batch_size} --learning-rate {config.learning_rate:g} --threads {config.threads} "
             f"--eval-seeds {config.eval_seeds} --guidance-scale {config.guidance_scale:g}"
-            + (f" --timesteps {config.timesteps}" if config.timesteps else "") + " --out DIR"
+            + (f" --timesteps {config.timesteps}" if config.timesteps else "")
+            + (f" --caption-weights {config.caption_weights}" if config.caption_weights else "")
+            + (" --adaln-zero" if config.adaln_zero else "") + " --out DIR"
             + (f" --init {config.init}" if config.init else ""))
 
 

@@ -145,17 +145,35 @@ def _unet(cross_attention_dim: int, **extra):
 # --- the four families -----------------------------------------------------------------------
 
 
-def build_untrained(family: str, seed: int):
-    """The untrained shapes pipeline of ``family`` (weights from ``seed``; every module in eval mode)."""
+def build_untrained(family: str, seed: int, adaln_zero: bool = False):
+    """The untrained shapes pipeline of ``family`` (weights from ``seed``; every module in eval mode).
+    ``adaln_zero`` (FLUX/SD3): start the transformer as DiT's adaLN-Zero does, see :func:`adaln_zero_init`."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     with tempfile.TemporaryDirectory() as tok_dir, torch.random.fork_rng(devices=[]):
         pipe = {"sd": _sd, "sdxl": _sdxl, "flux": _flux, "sd3": _sd3}[family](Path(tok_dir), seed)
+    if adaln_zero:
+        adaln_zero_init(pipe.transformer)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def adaln_zero_init(transformer) -> None:
+    """Zero every adaptive-norm modulation layer (shift, scale and gate) and the output projection
+    of a FLUX or SD3 transformer, in place: each block then starts as the identity and the model
+    predicts 0, DiT's adaLN-Zero initialisation (diffusers' classes use PyTorch's default init,
+    since their weights are normally loaded)."""
+    from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
+
+    with torch.no_grad():
+        layers = [m.linear for m in transformer.modules()
+                  if isinstance(m, (AdaLayerNormZero, AdaLayerNormZeroSingle, AdaLayerNormContinuous))]
+        for layer in layers + [transformer.proj_out]:
+            layer.weight.zero_()
+            layer.bias.zero_()
 
 
 def _sd(tok_dir: Path, seed: int):

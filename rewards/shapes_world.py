@@ -239,15 +239,23 @@ def draw(caption: str, seed: int, size: int = IMAGE_SIZE) -> np.ndarray:
     return render(scene_for(parse_caption(caption), np.random.default_rng(seed)), size)
 
 
-def sample_captions(n: int, seed: int, specs: tuple[GenEvalSpec, ...] = TRAIN_SPECS) -> list[str]:
-    """``n`` captions drawn with ``seed``: a GenEval category uniformly, then a caption of it."""
+def sample_captions(n: int, seed: int, specs: tuple[GenEvalSpec, ...] = TRAIN_SPECS,
+                    tag_weights: dict[str, float] | None = None) -> list[str]:
+    """``n`` captions drawn with ``seed``: a GenEval category (uniformly, or in proportion to
+    ``tag_weights``, where a missing category weighs 1), then a caption of it uniformly."""
     rng = np.random.default_rng(seed)
     by_tag: dict[str, list[str]] = {}
     for spec in specs:
         by_tag.setdefault(spec.tag, []).append(spec.prompt)
     tags = sorted(by_tag)
+    p = None
+    if tag_weights:
+        w = np.array([float(tag_weights.get(t, 1.0)) for t in tags])
+        p = w / w.sum()
     out = []
     for _ in range(n):
-        pool = by_tag[tags[int(rng.integers(len(tags)))]]
+        # the uniform draw stays rng.integers, so unweighted captions are what they always were
+        k = int(rng.integers(len(tags))) if p is None else int(rng.choice(len(tags), p=p))
+        pool = by_tag[tags[k]]
         out.append(pool[int(rng.integers(len(pool)))])
     return out

@@ -10,7 +10,7 @@ import torch
 
 from diffalign.pipelines.loading import (SHAPES_MODELS, SHAPES_ROOT, load_policy, pipeline_call_defaults,
                                         resolve_model_path, shapes_model_name)
-from diffalign.world import MANIFEST, WorldBuildConfig, build, content_hash
+from diffalign.world import MANIFEST, WorldBuildConfig, build, content_hash, world_policy
 from diffalign.world_models import WORDS, build_untrained, clip_word_tokenizer, t5_word_tokenizer
 
 SHIPPED = [name for name in SHAPES_MODELS if (SHAPES_ROOT / name / "model_index.json").is_file()]
@@ -29,7 +29,7 @@ def test_every_grammar_word_is_one_token(tmp_path):
 def test_the_shapes_vae_keeps_world_images_one_latent_per_cell(family, channels):
     """World images survive encode -> decode to under 1/255, with one latent per 4 x 4 pixel cell."""
     from diffalign.rewards.shapes_world import GRID, sample_captions
-    from diffalign.world import world_batch, world_policy
+    from diffalign.world import world_batch
 
     policy = world_policy(build_untrained(family, 0), family)
     pixels = world_batch(sample_captions(6, seed=3), list(range(6)))
@@ -78,6 +78,57 @@ def test_build_timesteps_option(tmp_path):
     for family, scheme in (("sd", "uniform"), ("flux", "cosine")):
         with pytest.raises(UserError, match="--timesteps .* is for --family flux or sd3"):
             build(WorldBuildConfig(family=family, steps=1, timesteps=scheme), tmp_path / "bad", measure_scores=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_build_caption_weights_option(tmp_path):
+    """--caption-weights draws some GenEval categories more often; the stage records one spelling of it."""
+    import argparse
+
+    from diffalign.errors import UserError
+    from diffalign.world import _stage_command, _stage_config, add_build_arguments, parse_caption_weights
+
+    parser = argparse.ArgumentParser()
+    add_build_arguments(parser)
+    args = parser.parse_args(["--family", "sd", "--out", "X", "--steps", "2", "--caption-weights", "color_attr=3.0, position=2"])
+    config = _stage_config(args, None)
+    assert config.caption_weights == "color_attr=3,position=2"
+    assert " --caption-weights color_attr=3,position=2 --out DIR" in _stage_command(config)
+    assert parse_caption_weights(config.caption_weights) == {"color_attr": 3.0, "position": 2.0}
+    weighted = build(WorldBuildConfig(family="sd", steps=2, batch_size=2, threads=1, warmup_steps=1,
+                                      caption_weights="color_attr=3"), tmp_path / "w", log=lambda line: None,
+                     measure_scores=False)
+    assert weighted["config"]["caption_weights"] == "color_attr=3"
+    for text in ("colour_attr=3", "color_attr=0", "color_attr=x", "color_attr"):
+        with pytest.raises(UserError, match=r"--caption-weights .* is not CATEGORY=WEIGHT with CATEGORY one of single_object"):
+            build(WorldBuildConfig(family="sd", steps=1, caption_weights=text), tmp_path / "bad", measure_scores=False)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_adaln_zero_starts_the_transformer_at_zero(family, tmp_path):
+    """--adaln-zero: the new transformer predicts exactly 0 (every block the identity); the stage
+    command records it; two steps of training move it off zero."""
+    from diffalign.errors import UserError
+    from diffalign.world import _stage_command
+
+    policy = world_policy(build_untrained(family, 0, adaln_zero=True), family)
+    latents = torch.randn(2, *policy.latent_shape(64, 64), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        assert policy.predict(latents, t, policy.encode_prompts(["a red circle", ""])).abs().max() == 0
+        default = world_policy(build_untrained(family, 0), family)
+        assert default.predict(latents, t, default.encode_prompts(["a red circle", ""])).abs().max() > 0.01
+    config = WorldBuildConfig(family=family, steps=2, batch_size=2, threads=1, warmup_steps=1, adaln_zero=True)
+    assert _stage_command(config).endswith(" --adaln-zero --out DIR")
+    build(config, tmp_path / "z", log=lambda line: None, measure_scores=False)
+    trained = load_policy(str(tmp_path / "z"))
+    with torch.no_grad():
+        assert trained.predict(latents, t, trained.encode_prompts(["a red circle", ""])).abs().max() > 0
+    for bad in (WorldBuildConfig(family="sd", steps=1, adaln_zero=True),
+                WorldBuildConfig(family=family, steps=1, adaln_zero=True, init=str(tmp_path / "z"))):
+        with pytest.raises(UserError, match="--adaln-zero initialises a new FLUX/SD3 transformer"):
+            build(bad, tmp_path / "bad", measure_scores=False)
     assert not (tmp_path / "bad").exists()
 
 
@@ -178,8 +229,8 @@ def test_the_default_build_is_the_shipped_recipe(name):
     parser = argparse.ArgumentParser()
     add_build_arguments(parser)
     last = _stage_config(parser.parse_args(shlex.split(commands[-1])[3:]), init=None)
-    # timesteps came after the sd and sdxl builds; None (the family's default) is what they used
-    recorded = {"timesteps": None, **{k: v for k, v in manifest["config"].items() if k not in ("init", "start_step")}}
+    # timesteps, caption_weights and adaln_zero came after the first builds; None (the default) is what those used
+    recorded = {"timesteps": None, "caption_weights": None, "adaln_zero": None, **{k: v for k, v in manifest["config"].items() if k not in ("init", "start_step")}}
     assert {k: v for k, v in asdict(last).items() if k not in ("init", "start_step")} == recorded
 
 

@@ -19,6 +19,7 @@ from diffalign.rewards.shapes_world import (
     draw,
     parse_caption,
     render,
+    sample_captions,
     scene_for,
 )
 
@@ -55,6 +56,18 @@ def test_held_out_bindings_never_appear_in_training_captions():
     # Each held-out colour and shape is still seen in training, with other partners.
     for color, shape in HELD_OUT_BINDINGS:
         assert any(f"a {color} " in p for p in TRAIN_PROMPTS) and any(shape in p for p in TRAIN_PROMPTS)
+
+
+def test_caption_weights_change_how_often_each_category_is_drawn():
+    tag_of = {s.prompt: s.tag for s in TRAIN_SPECS}
+    plain = sample_captions(600, seed=5)
+    assert sample_captions(600, seed=5, tag_weights={}) == plain  # no weights: the same draws as always
+    counts = {tag: 0 for tag in set(tag_of.values())}
+    for caption in sample_captions(600, seed=5, tag_weights={"color_attr": 5.0}):
+        counts[tag_of[caption]] += 1
+    # color_attr weighs 5 of 10: about 300 of 600; each other category about 60
+    assert 250 < counts["color_attr"] < 350 and all(20 < n < 100 for tag, n in counts.items() if tag != "color_attr")
+    assert set(sample_captions(50, seed=1, tag_weights={"color_attr": 1.0})) <= set(TRAIN_PROMPTS)
 
 
 def test_draw_is_deterministic_and_pixel_art():
