@@ -28,7 +28,8 @@ LEVELS = (0.2, 0.5, 0.8, 0.95, 0.99)
 SIGMAS = (0.3, 0.5, 0.7, 0.9, 0.95)  # flow sigma; the matched SNR for the DDPM families
 
 
-def text_use(model: str, images: int, seed: int = 0) -> list[dict[str, float]]:
+def _noised_world(model: str, images: int, seed: int):
+    """The model's family and policy, ``images`` training captions, their world latents and a fixed noise."""
     from diffalign.pipelines.loading import detect_family, load_pipeline
     from diffalign.rewards.shapes_world import sample_captions
     from diffalign.world import world_batch, world_policy
@@ -36,9 +37,14 @@ def text_use(model: str, images: int, seed: int = 0) -> list[dict[str, float]]:
     family = detect_family(model)
     policy = world_policy(load_pipeline(model), family)
     captions = sample_captions(images, seed=seed)
-    wrong = captions[1:] + captions[:1]
     latents = policy.encode_images(world_batch(captions, range(images)), generator=torch.Generator().manual_seed(seed))
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return family, policy, captions, latents, noise
+
+
+def text_use(model: str, images: int, seed: int = 0) -> list[dict[str, float]]:
+    family, policy, captions, latents, noise = _noised_world(model, images, seed)
+    wrong = captions[1:] + captions[:1]
     scale = 999 if family in ("sd", "sdxl") else 1000
     rows = []
     with torch.no_grad():
@@ -56,16 +62,9 @@ def text_use(model: str, images: int, seed: int = 0) -> list[dict[str, float]]:
 def denoised_error(model: str, images: int, seed: int = 0) -> list[dict[str, float]]:
     """Per flow sigma in SIGMAS: MSE of the implied x0 on the RGB latent channels, right caption,
     and its ratio with "" (SD/SDXL at the DDPM timestep of the same signal-to-noise ratio)."""
-    from diffalign.pipelines.loading import detect_family, load_pipeline
     from diffalign.pipelines.samplers import predicted_x0_and_eps
-    from diffalign.rewards.shapes_world import sample_captions
-    from diffalign.world import world_batch, world_policy
 
-    family = detect_family(model)
-    policy = world_policy(load_pipeline(model), family)
-    captions = sample_captions(images, seed=seed)
-    latents = policy.encode_images(world_batch(captions, range(images)), generator=torch.Generator().manual_seed(seed))
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + 1))
+    family, policy, captions, latents, noise = _noised_world(model, images, seed)
     rows = []
     with torch.no_grad():
         conds = {"right": policy.encode_prompts(captions), "empty": policy.encode_prompts([""] * images)}
