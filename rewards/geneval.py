@@ -42,7 +42,7 @@ from .clip import load_open_clip
 from .geneval_rules import GENEVAL_COLORS, Detection, GenEvalSpec, evaluate, parse_metadata
 from .image_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, to_uint8_hwc
 from .registry import register_reward
-from .weights import freeze, missing_weights_error, resolve_device, resolve_dtype
+from .weights import freeze, load_onto, missing_weights_error, resolve_device, resolve_dtype
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 MAX_PER_IMAGE = 100  # mmdet's Mask2Former test_cfg.max_per_image
@@ -243,7 +243,7 @@ def build_geneval(metadata: str | None = None, detector: str = DEFAULT_DETECTOR,
     specs = load_metadata_file(metadata) if metadata else {}
     try:
         with torch.device(device):  # the pixel decoder's level_embed is made outside the device map otherwise
-            model = Mask2FormerForUniversalSegmentation.from_pretrained(detector, dtype=torch_dtype, device_map={"": device})
+            model = Mask2FormerForUniversalSegmentation.from_pretrained(detector, **load_onto(device, torch_dtype))
         processor = AutoImageProcessor.from_pretrained(detector)
     except (OSError, ValueError) as error:
         raise missing_weights_error("geneval", detector, "detector", "/path/to/mask2former-swin-small-coco-instance", error) from error

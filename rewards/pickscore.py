@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .base import Reward, to_device_async
 from .image_ops import center_crop, interpolation_mode, normalize, resize_shortest_side
 from .registry import register_reward
-from .weights import freeze, is_local_dir, missing_weights_error, resolve_device, resolve_dtype
+from .weights import freeze, is_local_dir, load_onto, missing_weights_error, resolve_device, resolve_dtype
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -83,8 +83,7 @@ def build_pickscore(model: str = DEFAULT_MODEL, processor: str | None = None, ba
         has_own = is_local_dir(model) and any(os.path.isfile(os.path.join(model, f)) for f in _PROCESSOR_FILES)
         processor = model if has_own else DEFAULT_PROCESSOR
     try:
-        # loaded tensor by tensor straight onto the device, in the reward's dtype
-        clip_model = CLIPModel.from_pretrained(model, dtype=torch_dtype, device_map={"": device})
+        clip_model = CLIPModel.from_pretrained(model, **load_onto(device, torch_dtype))
     except (OSError, ValueError) as error:
         raise missing_weights_error("pickscore", model, "model", "/path/to/PickScore_v1", error) from error
     try:

@@ -37,7 +37,7 @@ from diffalign.errors import UserError
 
 from .base import Reward, check_images, check_pair, to_device_async
 from .registry import register_reward
-from .weights import freeze, missing_weights_error, resolve_device, resolve_dtype
+from .weights import freeze, load_onto, missing_weights_error, resolve_device, resolve_dtype
 
 log = logging.getLogger("diffalign.rewards.vlm")
 
@@ -206,7 +206,7 @@ def load_chat_vlm(name: str, model: str, processor: str | None, device: torch.de
     torch_dtype = resolve_dtype(dtype, device, name)
     try:
         # loaded tensor by tensor straight onto the device: a 7B judge is never whole in CPU memory
-        vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, device_map={"": device},
+        vlm = AutoModelForImageTextToText.from_pretrained(model, **load_onto(device, torch_dtype),
                                                           trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise missing_weights_error(name, model, "model", "/path/to/dir", error) from error

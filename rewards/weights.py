@@ -98,6 +98,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str, r
     return DTYPES[dtype]
 
 
+def load_onto(device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained`` keywords that load a transformers model tensor by tensor straight onto ``device``,
+    in ``dtype``. Hub kernels stay off (transformers 5.25 turns them on by default): they are code fetched
+    from the Hub at load time, which diffalign runs only when asked, as with ``trust_remote_code``."""
+    return {"dtype": dtype, "device_map": {"": device}, "use_kernels": False}
+
+
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
     """Eval mode and no parameter gradients: rewards are judges, never trained here."""
     module.eval()
