@@ -51,6 +51,8 @@ class WorldBuildConfig:
     each GenEval category's captions are drawn, as ``"color_attr=3,position=2"`` (a category not
     named weighs 1; None: all equally often). adaln_zero: start a FLUX/SD3 transformer with its
     modulation and output layers at zero (DiT's adaLN-Zero) instead of diffusers' default init.
+    vae_downsample: the shapes VAE's downsampling, 4 (None: the default) or, for a new FLUX/SD3
+    model, 2: one transformer token per 4 x 4-pixel cell instead of one per 2 x 2 cells.
     """
 
     family: str
@@ -69,6 +71,7 @@ class WorldBuildConfig:
     timesteps: str | None = None
     caption_weights: str | None = None
     adaln_zero: bool | None = None
+    vae_downsample: int | None = None
 
 
 def parse_caption_weights(text: str | None) -> dict[str, float] | None:
@@ -280,6 +283,10 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
     if config.adaln_zero and (config.family not in ("flux", "sd3") or config.init is not None):
         raise UserError("world build: --adaln-zero initialises a new FLUX/SD3 transformer; use it with --family flux "
                         "or sd3 and without --init")
+    if config.vae_downsample not in (None, 4) and (config.family not in ("flux", "sd3") or config.init is not None
+                                                   or config.vae_downsample != 2):
+        raise UserError(f"world build: --vae-downsample {config.vae_downsample} is not allowed; a new FLUX/SD3 model "
+                        f"(--family flux or sd3, no --init) takes 2 or 4, every other build 4")
     out = new_folder(out_dir, "world build")
     torch.set_num_threads(config.threads)
     tmp = out.parent / f".{out.name}.building"
@@ -287,7 +294,8 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
     start = time.time()
     try:
         if config.init is None:
-            pipe = build_untrained(config.family, config.seed, adaln_zero=bool(config.adaln_zero))
+            pipe = build_untrained(config.family, config.seed, adaln_zero=bool(config.adaln_zero),
+                                   vae_downsample=config.vae_downsample or 4)
         else:
             pipe = load_pipeline(config.init)
             previous = json.loads((Path(config.init) / MANIFEST).read_text())
@@ -323,7 +331,7 @@ def build(config: WorldBuildConfig, out_dir: str | Path, command: str | None = N
 
 
 RECIPE_OPTIONS = ("seed", "steps", "batch_size", "learning_rate", "threads", "eval_seeds", "guidance_scale", "timesteps",
-                  "caption_weights", "adaln_zero")
+                  "caption_weights", "adaln_zero", "vae_downsample")
 
 
 def add_build_arguments(parser) -> None:
@@ -345,6 +353,8 @@ def add_build_arguments(parser) -> None:
             default = "uniform | logit_normal, FLUX/SD3 only; in a custom build the policy's, logit_normal"
         if field == "caption_weights":
             default = "CATEGORY=WEIGHT,... over GenEval's six categories, e.g. color_attr=3; in a custom build all 1"
+        if field == "vae_downsample":
+            default = "4, or 2 for a new FLUX/SD3 model: one transformer token per 4x4-pixel cell"
         parser.add_argument("--" + field.replace("_", "-"), type=kind, default=None,
                             help=f"(default: the shipped recipe's; {default})")
     parser.add_argument("--init", help="continue pretraining from this shapes folder (a build in stages)")
@@ -364,7 +374,8 @@ def _stage_command(config: WorldBuildConfig) -> str:
             f"--eval-seeds {config.eval_seeds} --guidance-scale {config.guidance_scale:g}"
             + (f" --timesteps {config.timesteps}" if config.timesteps else "")
             + (f" --caption-weights {config.caption_weights}" if config.caption_weights else "")
-            + (" --adaln-zero" if config.adaln_zero else "") + " --out DIR"
+            + (" --adaln-zero" if config.adaln_zero else "")
+            + (f" --vae-downsample {config.vae_downsample}" if config.vae_downsample else "") + " --out DIR"
             + (f" --init {config.init}" if config.init else ""))
 
 

@@ -9,6 +9,8 @@ Every family gets the same two pieces that fit the world:
   colour-preserving autoencoder of ``pipelines.tiny``, so a 64 px world image (16 x 16 cells of
   4 x 4 pixels) is a 16 x 16 latent of cell colours and decodes back exactly. SD/SDXL latents have
   4 channels, FLUX/SD3 16 (channels 0-2 carry RGB in [-1, 1], the rest stay 0 for world images).
+  FLUX and SD3 can take a two-block VAE instead (downsampling by 2, a 32 x 32 latent): their 2 x 2
+  patches are then one token per cell rather than one per 2 x 2 cells.
 
 The denoisers and text encoders start from a fixed seed and are trained by ``diffalign.world``.
 """
@@ -110,13 +112,18 @@ def _t5(tokenizer, width: int):
     ))
 
 
-def shapes_vae(latent_channels: int, **extra):
-    """The shapes VAE (see the module docstring): downsampling by 4, exact on world images."""
+VAE_DOWNSAMPLES = {2: 2, 4: 3}  # downsampling factor -> VAE blocks
+
+
+def shapes_vae(latent_channels: int, downsample: int = 4, **extra):
+    """The shapes VAE (see the module docstring): downsampling by ``downsample`` (4 or 2), exact on
+    world images."""
     from diffusers import AutoencoderKL
 
+    blocks = VAE_DOWNSAMPLES[downsample]
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(16, 32, 32)[:blocks], layers_per_block=1,
         latent_channels=latent_channels, norm_num_groups=8, sample_size=IMAGE_SIZE,
         **{"scaling_factor": 1.0, **extra},
     )
@@ -145,13 +152,17 @@ def _unet(cross_attention_dim: int, **extra):
 # --- the four families -----------------------------------------------------------------------
 
 
-def build_untrained(family: str, seed: int, adaln_zero: bool = False):
+def build_untrained(family: str, seed: int, adaln_zero: bool = False, vae_downsample: int = 4):
     """The untrained shapes pipeline of ``family`` (weights from ``seed``; every module in eval mode).
-    ``adaln_zero`` (FLUX/SD3): start the transformer as DiT's adaLN-Zero does, see :func:`adaln_zero_init`."""
+    ``adaln_zero`` (FLUX/SD3): start the transformer as DiT's adaLN-Zero does, see :func:`adaln_zero_init`.
+    ``vae_downsample`` (FLUX/SD3 may take 2): the shapes VAE's downsampling factor."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if vae_downsample != 4 and (family not in ("flux", "sd3") or vae_downsample not in VAE_DOWNSAMPLES):
+        raise ValueError(f"vae_downsample={vae_downsample} is for FLUX/SD3 and one of {sorted(VAE_DOWNSAMPLES)}")
     with tempfile.TemporaryDirectory() as tok_dir, torch.random.fork_rng(devices=[]):
-        pipe = {"sd": _sd, "sdxl": _sdxl, "flux": _flux, "sd3": _sd3}[family](Path(tok_dir), seed)
+        build = {"sd": _sd, "sdxl": _sdxl, "flux": _flux, "sd3": _sd3}[family]
+        pipe = build(Path(tok_dir), seed, vae_downsample) if family in ("flux", "sd3") else build(Path(tok_dir), seed)
     if adaln_zero:
         adaln_zero_init(pipe.transformer)
     for component in pipe.components.values():
@@ -211,7 +222,7 @@ def _sdxl(tok_dir: Path, seed: int):
     )
 
 
-def _flux(tok_dir: Path, seed: int):
+def _flux(tok_dir: Path, seed: int, vae_downsample: int):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
@@ -225,31 +236,33 @@ def _flux(tok_dir: Path, seed: int):
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
     text_encoder_2 = _t5(tokenizer_2, TEXT_WIDTH)
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=shapes_vae(16, use_quant_conv=False, use_post_quant_conv=False,
-                                                                              shift_factor=0.0),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=shapes_vae(16, vae_downsample, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0),
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
 
 
-def _sd3(tok_dir: Path, seed: int):
+def _sd3(tok_dir: Path, seed: int, vae_downsample: int):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = clip_word_tokenizer(tok_dir / "clip"), clip_word_tokenizer(tok_dir / "clip2")
     tokenizer_3 = t5_word_tokenizer()
+    latent_size = IMAGE_SIZE // vae_downsample
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
-        sample_size=LATENT_SIZE, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32,
+        sample_size=latent_size, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32,
         num_attention_heads=4, joint_attention_dim=2 * TEXT_WIDTH, caption_projection_dim=128,
-        pooled_projection_dim=2 * TEXT_WIDTH, pos_embed_max_size=LATENT_SIZE // 2,
+        pooled_projection_dim=2 * TEXT_WIDTH, pos_embed_max_size=latent_size // 2,
     )
     text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer))
     text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2))
     text_encoder_3 = _t5(tokenizer_3, 2 * TEXT_WIDTH)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-        vae=shapes_vae(16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0), text_encoder=text_encoder,
+        vae=shapes_vae(16, vae_downsample, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0),
+        text_encoder=text_encoder,
         tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )

@@ -10,7 +10,7 @@ import torch
 
 from diffalign.pipelines.loading import (SHAPES_MODELS, SHAPES_ROOT, load_policy, pipeline_call_defaults,
                                         resolve_model_path, shapes_model_name)
-from diffalign.world import MANIFEST, WorldBuildConfig, build, content_hash, world_policy
+from diffalign.world import MANIFEST, WorldBuildConfig, build, content_hash, sample_world, world_policy
 from diffalign.world_models import WORDS, build_untrained, clip_word_tokenizer, t5_word_tokenizer
 
 SHIPPED = [name for name in SHAPES_MODELS if (SHAPES_ROOT / name / "model_index.json").is_file()]
@@ -25,16 +25,21 @@ def test_every_grammar_word_is_one_token(tmp_path):
         [clip.bos_token_id] + [clip.convert_tokens_to_ids(w + "</w>") for w in "a red circle left of a square".split()])
 
 
-@pytest.mark.parametrize("family, channels", [("sd", 4), ("sdxl", 4), ("flux", 16), ("sd3", 16)])
-def test_the_shapes_vae_keeps_world_images_one_latent_per_cell(family, channels):
-    """World images survive encode -> decode to under 1/255, with one latent per 4 x 4 pixel cell."""
+@pytest.mark.parametrize("family, channels, downsample", [("sd", 4, 4), ("sdxl", 4, 4), ("flux", 16, 4), ("sd3", 16, 4),
+                                                          ("flux", 16, 2), ("sd3", 16, 2)])
+def test_the_shapes_vae_keeps_world_images_one_latent_per_cell(family, channels, downsample):
+    """World images survive encode -> decode to under 1/255, with one latent per 4 x 4 pixel cell
+    (2 x 2 equal latents per cell with the FLUX/SD3 option of a VAE downsampling by 2)."""
     from diffalign.rewards.shapes_world import GRID, sample_captions
     from diffalign.world import world_batch
 
-    policy = world_policy(build_untrained(family, 0), family)
+    policy = world_policy(build_untrained(family, 0, vae_downsample=downsample), family)
     pixels = world_batch(sample_captions(6, seed=3), list(range(6)))
     latents = policy.encode_images(pixels, generator=torch.Generator().manual_seed(0))
-    assert tuple(latents.shape[1:]) == (channels, GRID, GRID) == policy.latent_shape(64, 64)
+    per_cell = 4 // downsample
+    assert tuple(latents.shape[1:]) == (channels, GRID * per_cell, GRID * per_cell) == policy.latent_shape(64, 64)
+    cells = latents[..., ::per_cell, ::per_cell]
+    assert torch.allclose(latents, cells.repeat_interleave(per_cell, -1).repeat_interleave(per_cell, -2), atol=1e-5)
     assert (policy.decode(latents) * 2 - 1 - pixels).abs().max() * 127.5 < 1
 
 
@@ -128,6 +133,41 @@ def test_adaln_zero_starts_the_transformer_at_zero(family, tmp_path):
     for bad in (WorldBuildConfig(family="sd", steps=1, adaln_zero=True),
                 WorldBuildConfig(family=family, steps=1, adaln_zero=True, init=str(tmp_path / "z"))):
         with pytest.raises(UserError, match="--adaln-zero initialises a new FLUX/SD3 transformer"):
+            build(bad, tmp_path / "bad", measure_scores=False)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_vae_downsample_2_gives_a_transformer_one_token_per_cell(family, tmp_path):
+    """--vae-downsample 2: a 32 x 32 latent, so 16 x 16 = 256 image tokens (64 by default); the
+    stage command and manifest record it, the built folder reloads with it and samples 64 px images;
+    other families and continued builds are refused before any folder is made."""
+    import argparse
+
+    from diffalign.errors import UserError
+    from diffalign.world import _stage_command, _stage_config, add_build_arguments
+
+    parser = argparse.ArgumentParser()
+    add_build_arguments(parser)
+    args = parser.parse_args(["--family", family, "--out", "x", "--steps", "2", "--vae-downsample", "2"])
+    config = _stage_config(args, init=None)
+    assert config.vae_downsample == 2
+    assert _stage_command(config).endswith(" --vae-downsample 2 --out DIR")
+    config.batch_size, config.threads, config.warmup_steps = 2, 1, 1
+    manifest = build(config, tmp_path / "v", log=lambda line: None, measure_scores=False)
+    assert manifest["config"]["vae_downsample"] == 2
+    policy = load_policy(str(tmp_path / "v"))
+    assert policy.pipe.vae_scale_factor == 2 and policy.latent_shape(64, 64) == (16, 32, 32)
+    if family == "flux":  # FLUX packs 2 x 2 latents into one token
+        assert policy.pipe._pack_latents(torch.zeros(1, 16, 32, 32), 1, 16, 32, 32).shape[1] == 256
+    else:  # SD3 patches 2 x 2 latents
+        assert (policy.denoiser.config.sample_size, policy.denoiser.config.pos_embed_max_size) == (32, 16)
+    images = sample_world(policy, ["a red circle"], [0], num_steps=2, guidance_scale=1.5)
+    assert images.shape == (1, 3, 64, 64)
+    for bad in (WorldBuildConfig(family="sd", steps=1, vae_downsample=2),
+                WorldBuildConfig(family=family, steps=1, vae_downsample=8),
+                WorldBuildConfig(family=family, steps=1, vae_downsample=2, init=str(tmp_path / "v"))):
+        with pytest.raises(UserError, match="--vae-downsample .* is not allowed; a new FLUX/SD3 model"):
             build(bad, tmp_path / "bad", measure_scores=False)
     assert not (tmp_path / "bad").exists()
 
@@ -229,8 +269,8 @@ def test_the_default_build_is_the_shipped_recipe(name):
     parser = argparse.ArgumentParser()
     add_build_arguments(parser)
     last = _stage_config(parser.parse_args(shlex.split(commands[-1])[3:]), init=None)
-    # timesteps, caption_weights and adaln_zero came after the first builds; None (the default) is what those used
-    recorded = {"timesteps": None, "caption_weights": None, "adaln_zero": None, **{k: v for k, v in manifest["config"].items() if k not in ("init", "start_step")}}
+    # timesteps, caption_weights, adaln_zero and vae_downsample came after the first builds; None (the default) is what those used
+    recorded = {"timesteps": None, "caption_weights": None, "adaln_zero": None, "vae_downsample": None, **{k: v for k, v in manifest["config"].items() if k not in ("init", "start_step")}}
     assert {k: v for k, v in asdict(last).items() if k not in ("init", "start_step")} == recorded
 
 
