@@ -161,8 +161,7 @@ def build_untrained(family: str, seed: int, adaln_zero: bool = False, vae_downsa
     if vae_downsample != 4 and (family not in ("flux", "sd3") or vae_downsample not in VAE_DOWNSAMPLES):
         raise ValueError(f"vae_downsample={vae_downsample} is for FLUX/SD3 and one of {sorted(VAE_DOWNSAMPLES)}")
     with tempfile.TemporaryDirectory() as tok_dir, torch.random.fork_rng(devices=[]):
-        build = {"sd": _sd, "sdxl": _sdxl, "flux": _flux, "sd3": _sd3}[family]
-        pipe = build(Path(tok_dir), seed, vae_downsample) if family in ("flux", "sd3") else build(Path(tok_dir), seed)
+        pipe = {"sd": _sd, "sdxl": _sdxl, "flux": _flux, "sd3": _sd3}[family](Path(tok_dir), seed, vae_downsample)
     if adaln_zero:
         adaln_zero_init(pipe.transformer)
     for component in pipe.components.values():
@@ -187,7 +186,7 @@ def adaln_zero_init(transformer) -> None:
             layer.bias.zero_()
 
 
-def _sd(tok_dir: Path, seed: int):
+def _sd(tok_dir: Path, seed: int, vae_downsample: int):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
@@ -196,12 +195,13 @@ def _sd(tok_dir: Path, seed: int):
     unet = _unet(TEXT_WIDTH)
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
     return StableDiffusionPipeline(
-        vae=shapes_vae(4), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_ddpm_scheduler(),
+        vae=shapes_vae(4, vae_downsample), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=_ddpm_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def _sdxl(tok_dir: Path, seed: int):
+def _sdxl(tok_dir: Path, seed: int, vae_downsample: int):
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -215,7 +215,7 @@ def _sdxl(tok_dir: Path, seed: int):
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
     text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2))
     return StableDiffusionXLPipeline(
-        vae=shapes_vae(4), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        vae=shapes_vae(4, vae_downsample), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=_ddpm_scheduler(),
         force_zeros_for_empty_prompt=False,  # the unconditional branch is the encoded "" it was trained on
         add_watermarker=False,
