@@ -27,7 +27,7 @@ from diffalign.errors import UserError
 from diffalign.files import new_folder
 from diffalign.world import SHAPES_GUIDANCE
 
-PAIRS_VERSION = 1
+PAIRS_VERSION = 2  # 2: the alignment-training prompts of the pair-level held-out split
 CORRECT_SUFFIX = "-correct"
 CORRECT_GROUPS, CORRECT_GROUP_SIZE = 8, 8
 # sampled without CFG in 10 steps: a quarter of the CFG-1.5, 20-step cost, and as often correct

@@ -16,10 +16,12 @@ from a grammar modelled on GenEval's six categories and maps to GenEval's metada
 relation ("left of", "right of", "above", "below"); an optional "a photo of " prefix and a final
 full stop are ignored.
 
-Train / held-out: three colour-shape bindings (``HELD_OUT_BINDINGS``) never appear together in a
-training caption (the colour and the shape each appear with other partners, and uncoloured
-captions may show such objects); every caption that names one is held out. Everything is
-deterministic by seed: ``draw(caption, seed)`` always gives the same image.
+Train / held-out: every colour-shape binding ("a red square") is named in training captions, but
+twelve pairs of bindings (``HELD_OUT_PAIRS``) are never named together: the 24 colour-attribution
+captions that name both bindings of such a pair (in either order) are held out. So a held-out
+prompt asks for bindings the model knows, in a combination it has never seen, and its bag of words
+("red", "square", "green", "circle") is also the bag of a training caption with the colours
+swapped. Everything is deterministic by seed: ``draw(caption, seed)`` always gives the same image.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ BACKGROUND = (232, 232, 232)
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
 COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
-HELD_OUT_BINDINGS = frozenset({("blue", "circle"), ("red", "square"), ("yellow", "triangle")})
 IMAGE_SIZE = 64
 # Scenes live on a GRID x GRID board of cells, drawn as pixel art (each cell a block of
 # size/GRID pixels): the shapes VAE keeps one latent per cell, so a world image survives
@@ -99,9 +100,43 @@ def all_specs() -> list[GenEvalSpec]:
     return specs
 
 
+def _held_out_pairs() -> tuple[frozenset, ...]:
+    """For each pair of shapes, four of its twelve colourings: the second shape's colour is the
+    first's moved 1, 2 or 3 places along COLORS (one shift per pair of shapes). Each of the twelve
+    bindings is then in two held-out pairs and in eight training captions."""
+    pairs = []
+    for shift, (a, b) in enumerate(itertools.combinations(SHAPES, 2), 1):
+        for i, color in enumerate(COLORS):
+            pairs.append(frozenset({(color, a), (COLORS[(i + shift) % len(COLORS)], b)}))
+    return tuple(pairs)
+
+
+HELD_OUT_PAIRS = _held_out_pairs()
+
+
+def held_out_pair(spec: GenEvalSpec) -> frozenset | None:
+    """The pair of ``HELD_OUT_PAIRS`` whose two bindings the spec names, or None."""
+    bindings = {(r.color, r.cls) for r in spec.include if r.color}
+    return next((pair for pair in HELD_OUT_PAIRS if pair <= bindings), None)
+
+
 def is_held_out(spec: GenEvalSpec) -> bool:
-    """True when the spec binds a colour to a shape in ``HELD_OUT_BINDINGS``."""
-    return any((r.color, r.cls) in HELD_OUT_BINDINGS for r in spec.include)
+    """True when the spec names both bindings of a pair in ``HELD_OUT_PAIRS``."""
+    return held_out_pair(spec) is not None
+
+
+def _alignment_sides(pairs: tuple[frozenset, ...]) -> tuple[bool, ...]:
+    """Which held-out pairs the alignment methods train on (True) and which they are measured on:
+    the first assignment, in a fixed order, with six pairs on each side and every binding in one
+    pair of each side (each binding is in two held-out pairs)."""
+    for sides in itertools.product((True, False), repeat=len(pairs)):
+        counts: dict[tuple[str, str], list[bool]] = {}
+        for pair, side in zip(pairs, sides):
+            for binding in pair:
+                counts.setdefault(binding, []).append(side)
+        if sum(sides) * 2 == len(pairs) and all(sorted(v) == [False, True] for v in counts.values()):
+            return sides
+    raise RuntimeError("no balanced split of the held-out pairs")  # not reached for HELD_OUT_PAIRS
 
 
 TRAIN_SPECS = tuple(s for s in all_specs() if not is_held_out(s))
@@ -109,13 +144,15 @@ HELD_OUT_SPECS = tuple(s for s in all_specs() if is_held_out(s))
 TRAIN_PROMPTS = tuple(s.prompt for s in TRAIN_SPECS)
 HELD_OUT_PROMPTS = tuple(s.prompt for s in HELD_OUT_SPECS)
 # In-distribution single-object prompts (GenEval's single_object and colors tags) and the held-out
-# compositional ones (two bound colours, at least one of them a held-out binding).
+# compositional ones (two bound colours never named together in training: all held-out prompts).
 SINGLE_OBJECT_PROMPTS = tuple(s.prompt for s in TRAIN_SPECS if s.tag in ("single_object", "colors"))
 HELD_OUT_COMPOSITIONAL_PROMPTS = tuple(s.prompt for s in HELD_OUT_SPECS if s.tag == "color_attr")
-# Alignment on the world: methods train on one half of the held-out prompts and are measured on the
-# other half, so the evaluation prompts were seen neither in pretraining nor in alignment.
-ALIGN_TRAIN_PROMPTS = HELD_OUT_PROMPTS[0::2]
-ALIGN_EVAL_PROMPTS = HELD_OUT_PROMPTS[1::2]
+# Alignment on the world: methods train on the prompts of six held-out pairs and are measured on
+# those of the other six (both word orders of a pair stay on one side), so the evaluation prompts
+# were seen neither in pretraining nor in alignment.
+_ALIGN_SIDE = dict(zip(HELD_OUT_PAIRS, _alignment_sides(HELD_OUT_PAIRS)))
+ALIGN_TRAIN_PROMPTS = tuple(s.prompt for s in HELD_OUT_SPECS if _ALIGN_SIDE[held_out_pair(s)])
+ALIGN_EVAL_PROMPTS = tuple(s.prompt for s in HELD_OUT_SPECS if not _ALIGN_SIDE[held_out_pair(s)])
 
 _SHAPE_WORD = r"(circle|square|triangle)s?"
 _NP = rf"(a|an|one|two|three|four)\s+(?:(red|green|blue|yellow)\s+)?{_SHAPE_WORD}"

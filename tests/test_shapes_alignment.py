@@ -13,7 +13,7 @@ from diffalign.config import load_config
 from diffalign.errors import UserError
 from diffalign.rewards import load_reward
 from diffalign.rewards.shapes_pref import SHIPPED_WEIGHTS
-from diffalign.rewards.shapes_world import ALIGN_EVAL_PROMPTS, ALIGN_TRAIN_PROMPTS, HELD_OUT_PROMPTS, draw
+from diffalign.rewards.shapes_world import ALIGN_EVAL_PROMPTS, ALIGN_TRAIN_PROMPTS, HELD_OUT_PROMPTS, draw, parse_caption
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -25,6 +25,13 @@ def to_tensor(arrays):
 def test_alignment_prompt_split_is_the_held_out_set():
     assert set(ALIGN_TRAIN_PROMPTS) | set(ALIGN_EVAL_PROMPTS) == set(HELD_OUT_PROMPTS)
     assert not set(ALIGN_TRAIN_PROMPTS) & set(ALIGN_EVAL_PROMPTS)
+    assert len(ALIGN_TRAIN_PROMPTS) == len(ALIGN_EVAL_PROMPTS) == 12
+    # a pair's two word orders are on one side, and every binding is on both sides
+    pairs = {side: [frozenset((r.color, r.cls) for r in parse_caption(p).include) for p in prompts]
+             for side, prompts in (("train", ALIGN_TRAIN_PROMPTS), ("eval", ALIGN_EVAL_PROMPTS))}
+    assert not set(pairs["train"]) & set(pairs["eval"])
+    assert {b for p in pairs["train"] for b in p} == {b for p in pairs["eval"] for b in p}
+    assert len({b for p in pairs["train"] for b in p}) == 12
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/shapes-*.yaml")))

@@ -10,8 +10,9 @@ from diffalign.rewards import load_reward
 from diffalign.rewards.shapes_geneval import connected_components, detect_shapes
 from diffalign.rewards.shapes_world import (
     BACKGROUND,
-    HELD_OUT_BINDINGS,
+    HELD_OUT_PAIRS,
     HELD_OUT_PROMPTS,
+    HELD_OUT_SPECS,
     PALETTE,
     TRAIN_PROMPTS,
     TRAIN_SPECS,
@@ -49,13 +50,20 @@ def test_general_captions_and_errors():
         parse_caption("two circle")
 
 
-def test_held_out_bindings_never_appear_in_training_captions():
-    for spec in TRAIN_SPECS:
-        assert not any((r.color, r.cls) in HELD_OUT_BINDINGS for r in spec.include)
-    assert len(TRAIN_PROMPTS) == 93 and len(HELD_OUT_PROMPTS) == 33
-    # Each held-out colour and shape is still seen in training, with other partners.
-    for color, shape in HELD_OUT_BINDINGS:
-        assert any(f"a {color} " in p for p in TRAIN_PROMPTS) and any(shape in p for p in TRAIN_PROMPTS)
+def test_held_out_pairs_are_never_named_together_in_training_captions():
+    assert len(HELD_OUT_PAIRS) == 12 and len(TRAIN_PROMPTS) == 102 and len(HELD_OUT_PROMPTS) == 24
+    named = [{(r.color, r.cls) for r in spec.include if r.color} for spec in TRAIN_SPECS]
+    assert not any(pair <= bindings for pair in HELD_OUT_PAIRS for bindings in named)
+    # Every held-out prompt is a colour attribution naming one held-out pair; both word orders are held out.
+    assert {s.tag for s in HELD_OUT_SPECS} == {"color_attr"}
+    for pair in HELD_OUT_PAIRS:
+        assert sum({(r.color, r.cls) for r in s.include} == pair for s in HELD_OUT_SPECS) == 2
+    # Each of the 12 bindings is in two held-out pairs and named in training, alone and in pairs.
+    bindings = [b for pair in HELD_OUT_PAIRS for b in pair]
+    assert len(set(bindings)) == 12 and all(bindings.count(b) == 2 for b in bindings)
+    for color, shape in set(bindings):
+        assert f"a {color} {shape}" in TRAIN_PROMPTS
+        assert sum((color, shape) in b for b, s in zip(named, TRAIN_SPECS) if s.tag == "color_attr") == 8
 
 
 def test_caption_weights_change_how_often_each_category_is_drawn():
