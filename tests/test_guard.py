@@ -209,15 +209,16 @@ def test_warn_trains_to_the_end_and_keep_best_chooses_the_final_lora(tmp_path):
 # Two proxies DRaFT over-optimises on shapes-sd while the gold shapes_geneval (partial credit) on
 # held-out prompts falls:
 # - brightness, a rule, at a deliberately high learning rate (1e-2): the boards wash out;
-# - the learned shapes_pref at the draft/shapes-sd.yaml recipe's settings (lr 1e-3, CFG 1.5).
-#   Measured with one thread (shapes_pref retrained on 2048 samples each of shapes-sd and -sdxl):
-#   held-out gold 0.609 (base, steps 5 and 15) -> 0.594 (step 10) -> 0.500 (step 20, stopped),
-#   held-out shapes_pref 0.634 -> 0.670 at step 20, final/ = the base (gold 0.609); left to run
-#   (warn), shapes_pref 0.747 and gold 0.484 at step 40.
+# - the learned shapes_pref at the draft/shapes-sd.yaml recipe's settings (CFG 1.5) but lr 2e-3.
+#   Measured with one thread on the shapes-sd of the pair-level split (guard every 5 steps, warn):
+#   held-out gold 0.469 (base) -> 0.562 (step 5) -> 0.453 (step 20, the training shapes_pref
+#   0.723 above its 0.682 at step 5: hacking) -> 0.391 (step 25). At the recipe's lr 1e-3 the gold
+#   also fell (0.531 at step 5 -> 0.375 at step 40) but the training shapes_pref never rose above
+#   its step-5 value, so the guard rightly did not call it hacking.
 SHAPES_HACKING_RUNS = {
     "brightness": ({"num_steps": 6, "guidance_scale": 4.0}, {"max_steps": 12, "learning_rate": 1e-2}, 6, 2, 0.01),
     "shapes_pref": ({"num_steps": 10, "guidance_scale": 1.5, "noise_level": 0.0},
-                    {"max_steps": 40, "learning_rate": 1e-3, "max_grad_norm": 1.0}, 8, 5, 0.008),
+                    {"max_steps": 40, "learning_rate": 2e-3, "max_grad_norm": 1.0}, 8, 5, 0.008),
 }  # proxy: (draft settings, train settings, held-out prompts, guard.every, least rise of the proxy)
 
 
